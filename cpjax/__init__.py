@@ -1,0 +1,22 @@
+"""cpjax: Curvature Propagation in JAX.
+
+Unbiased estimates of the Hessian diagonal (and more) from one fused backward sweep, after
+Martens, Sutskever and Swersky, "Estimating the Hessian by Back-propagating Curvature"
+(ICML 2012).
+"""
+
+from cpjax._api import cp_hessian_diag, cp_value_grad_and_hessian_diag
+from cpjax._errors import CurvatureError
+from cpjax.baselines import exact_hessian_diag, hutchinson_hessian_diag
+from cpjax.rules import FallbackWarning
+
+__all__ = [
+    "CurvatureError",
+    "FallbackWarning",
+    "cp_hessian_diag",
+    "cp_value_grad_and_hessian_diag",
+    "exact_hessian_diag",
+    "hutchinson_hessian_diag",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,131 @@
+"""Static analyses of a flat program, run once at trace time.
+
+* `dependencies`: which differentiated leaves each variable depends on. Equations with no
+  dependent input are evaluated and skipped by the sweep, and cross blocks between inputs
+  with disjoint leaf sets are dropped for the diagonal.
+* `cotangent_signs`: the sign of each variable's cotangent where it is known at trace
+  time. A log_softmax whose cotangent is negative (a cross-entropy loss) or a square whose
+  cotangent is positive injects a positive semi-definite curvature; when every injection
+  is, the sweep carries a single vector (T = U).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import primitives as prims
+
+from cpjax._trace import Lit, Program, Var
+from cpjax.rules.zero import ZERO_DERIVATIVE
+
+_NO_DEPS = frozenset()
+
+
+def is_float(aval) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def deps_of(deps: dict, atom) -> frozenset:
+    return deps.get(atom, _NO_DEPS) if isinstance(atom, Var) else _NO_DEPS
+
+
+def dependencies(program: Program, input_deps: list) -> dict:
+    """Map each variable to the frozenset of leaves it depends on (absent: none)."""
+    deps = {}
+    for v, d in zip(program.invars, input_deps, strict=True):
+        if d and is_float(v.aval):
+            deps[v] = frozenset(d)
+    for node in program.nodes:
+        if node.primitive in ZERO_DERIVATIVE:
+            continue
+        union = frozenset().union(*(deps_of(deps, a) for a in node.invars))
+        if not union:
+            continue
+        for v in node.outvars:
+            if is_float(v.aval):
+                deps[v] = union
+    return deps
+
+
+# Linear maps that pass a cotangent on with non-negative coefficients: the sign is kept.
+_SIGN_KEEPING = frozenset({
+    lax.add_p, prims.add_jaxvals_p, lax.reduce_sum_p, lax.broadcast_in_dim_p, lax.reshape_p,
+    lax.transpose_p, lax.squeeze_p, lax.convert_element_type_p, lax.copy_p, lax.slice_p,
+    lax.pad_p, lax.concatenate_p, lax.gather_p, lax.dynamic_slice_p, lax.dynamic_update_slice_p,
+    lax.select_n_p, lax.cumsum_p, lax.reduce_max_p, lax.reduce_min_p, lax.max_p, lax.min_p,
+    lax.sort_p, lax.clamp_p, lax.scatter_add_p, lax.rev_p, lax.reduce_precision_p,
+    lax.optimization_barrier_p, lax.sharding_constraint_p, lax.device_put_p,
+    # Increasing elementwise functions: ct_x = ȳ φ'(x) with φ' > 0.
+    lax.exp_p, lax.exp2_p, lax.expm1_p, lax.log_p, lax.log1p_p, lax.tanh_p, lax.logistic_p,
+    lax.sqrt_p, lax.cbrt_p, lax.atan_p, lax.asinh_p, lax.sinh_p, lax.erf_p, lax.erf_inv_p,
+    lax.asin_p, lax.atanh_p,
+})
+# Decreasing elementwise functions flip the sign.
+_SIGN_FLIPPING = frozenset({lax.neg_p, lax.rsqrt_p, lax.acos_p, lax.erfc_p})
+
+
+def constant_sign(atom):
+    """Return +1 or -1 when every entry of a constant atom has that sign, else None."""
+    if not isinstance(atom, Lit):
+        return None
+    try:
+        value = np.asarray(atom.val)
+    except Exception:  # a tracer closed over from an outer transformation
+        return None
+    if value.dtype.kind not in "fiu" or value.size == 0:
+        return None
+    if np.all(value > 0):
+        return 1
+    if np.all(value < 0):
+        return -1
+    return None
+
+
+def _combine(a, b):
+    if a == 0:
+        return b
+    if b == 0 or a == b:
+        return a
+    return None
+
+
+def _input_sign(node, i, out_sign, deps):
+    """Sign of the cotangent that `node` passes to its input `i`."""
+    p = node.primitive
+    if out_sign is None:
+        return None
+    if p in _SIGN_KEEPING:
+        return out_sign
+    if p in _SIGN_FLIPPING:
+        return -out_sign
+    if p is lax.sub_p:
+        return out_sign if i == 0 else -out_sign
+    if p is lax.mul_p or (p is lax.div_p and i == 0):
+        other = node.invars[1 - i]
+        if deps_of(deps, other):
+            return None
+        s = constant_sign(other)
+        return None if s is None else s * out_sign
+    if p is lax.integer_pow_p and node.params["y"] % 2 == 1 and node.params["y"] > 0:
+        return out_sign if node.params["y"] == 1 else None
+    return None
+
+
+def cotangent_signs(program: Program, deps: dict, output_signs: list) -> dict:
+    """Map each dependent variable to its static cotangent sign: ±1, 0 (none) or None."""
+    signs = {}
+    for v, s in zip(program.outvars, output_signs, strict=True):
+        if isinstance(v, Var) and v in deps:
+            signs[v] = _combine(signs.get(v, 0), s)
+    for node in reversed(program.nodes):
+        out_signs = [signs.get(v, 0) for v in node.outvars]
+        if all(s == 0 for s in out_signs):
+            continue
+        single = out_signs[0] if len(out_signs) == 1 else None
+        for i, atom in enumerate(node.invars):
+            if not deps_of(deps, atom):
+                continue
+            s = _input_sign(node, i, single, deps) if len(out_signs) == 1 else None
+            signs[atom] = _combine(signs.get(atom, 0), s)
+    return signs

@@ -1,0 +1,206 @@
+"""The forward pass and the fused backward sweep of Curvature Propagation.
+
+The backward sweep carries, for every variable, the cotangent ȳ (row by row, the ordinary
+reverse-mode gradient) and the CP vectors T and U for `K` probes, stacked along a leading
+axis: `K` rows in the `T = U` mode, `2K` rows (T first) otherwise. At each equation the
+linear part (its VJP) is applied to ȳ and, batched, to every row of T and U; then the
+equation's rule injects `F v` into T and `G v` into U for each dependent input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from cpjax import _analysis
+from cpjax._errors import CurvatureError
+from cpjax._trace import Program, Var, bind_node
+from cpjax.rules import Context, Curvature, StaticInfo, rule_for
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the analyses decided about a program, fixed at trace time."""
+
+    program: Program
+    deps: dict
+    signs: dict
+    infos: dict  # node index -> StaticInfo, for nodes the sweep visits
+    kinds: dict  # node index -> Curvature
+    symmetric: bool  # every injection is PSD: carry T only, U = T
+
+
+def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: bool,
+              allow_symmetric: bool = True) -> Plan:
+    """Run the analyses and pick, for each equation, its rule's static curvature kind."""
+    deps = _analysis.dependencies(program, input_deps)
+    signs = _analysis.cotangent_signs(program, deps, output_signs)
+    infos, kinds = {}, {}
+    for node in program.nodes:
+        in_deps = tuple(_analysis.deps_of(deps, a) for a in node.invars)
+        out_signs = tuple(signs.get(v, 0) for v in node.outvars)
+        if not any(in_deps) or all(s == 0 for s in out_signs):
+            continue
+        info = StaticInfo(in_deps, out_signs, prune)
+        infos[node.index] = info
+        kinds[node.index] = rule_for(node).curvature(node, info)
+    symmetric = allow_symmetric and all(k is not Curvature.INDEFINITE for k in kinds.values())
+    return Plan(program, deps, signs, infos, kinds, symmetric)
+
+
+@dataclasses.dataclass
+class SweepResult:
+    outvals: list  # primal outputs of the program
+    grads: list  # per program input: ȳ, or None where it receives none
+    rows: list  # per program input: stacked T (and U) rows, or None
+
+
+def _linearize(node, invals, dep_idx):
+    """Evaluate `node` and return its outputs and the VJP over its dependent inputs."""
+    float_out = [_analysis.is_float(v.aval) for v in node.outvars]
+
+    def f(*dep_vals):
+        vals = list(invals)
+        for i, val in zip(dep_idx, dep_vals, strict=True):
+            vals[i] = val
+        outs = bind_node(node, vals)
+        floats = [o for o, fl in zip(outs, float_out, strict=True) if fl]
+        others = [o for o, fl in zip(outs, float_out, strict=True) if not fl]
+        return floats, others
+
+    try:
+        floats, vjp_fn, others = jax.vjp(f, *[invals[i] for i in dep_idx], has_aux=True)
+    except Exception as err:  # JAX's own message says why; we add where.
+        raise CurvatureError(
+            f"cpjax cannot differentiate primitive '{node.primitive.name}' at {node.where()} "
+            f"with respect to the differentiated arguments: {err}"
+        ) from err
+    floats, others = iter(floats), iter(others)
+    outs = [next(floats) if fl else next(others) for fl in float_out]
+    return outs, vjp_fn, float_out
+
+
+class _Accumulator:
+    """Sums contributions per variable; absent means structurally zero."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, var, value):
+        if not isinstance(var, Var) or value is None:
+            return
+        old = self.values.get(var)
+        self.values[var] = value if old is None else old + value
+
+    def pop(self, var):
+        return self.values.pop(var, None) if isinstance(var, Var) else None
+
+    def get(self, var):
+        return self.values.get(var) if isinstance(var, Var) else None
+
+
+def _forward(plan, invals):
+    env = {}
+
+    def read(atom):
+        return env[atom] if isinstance(atom, Var) else atom.val
+
+    for v, x in zip(plan.program.invars, invals, strict=True):
+        env[v] = x
+    linear = {}
+    for node in plan.program.nodes:
+        vals = [read(a) for a in node.invars]
+        info = plan.infos.get(node.index)
+        if info is None:
+            outs = bind_node(node, vals)
+        else:
+            dep_idx = [i for i, d in enumerate(info.deps) if d]
+            outs, vjp_fn, float_out = _linearize(node, vals, dep_idx)
+            linear[node.index] = (vals, outs, vjp_fn, dep_idx, float_out)
+        for v, o in zip(node.outvars, outs, strict=True):
+            env[v] = o
+    return env, read, linear
+
+
+def _zeros_rows(n_rows, var_or_val):
+    shape, dtype = var_or_val.shape, var_or_val.dtype
+    return jnp.zeros((n_rows, *shape), dtype)
+
+
+def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: int,
+          probe: str, separable=None) -> SweepResult:
+    """Run the forward pass and the fused backward sweep.
+
+    Args:
+      plan: from `make_plan`.
+      invals: values of the program's inputs.
+      out_cotangents: ȳ for each program output, None where zero.
+      key: PRNG key; each equation draws its probes from `fold_in(key, node.index)`.
+      num_samples: K, the number of probes carried at once.
+      probe: "rademacher" or "gaussian".
+      separable: optional `cpjax._separable.SeparableLeaves` that takes over the diagonal of
+        some leaves (see there); None for the plain estimator.
+    """
+    env, read, linear = _forward(plan, invals)
+    n_rows = num_samples if plan.symmetric else 2 * num_samples
+    grads, rows = _Accumulator(), _Accumulator()
+    for v, ct in zip(plan.program.outvars, out_cotangents, strict=True):
+        if ct is not None and v in plan.deps:
+            grads.add(v, ct)
+
+    for node in reversed(plan.program.nodes):
+        if node.index not in linear:
+            continue
+        vals, outs, vjp_fn, dep_idx, float_out = linear[node.index]
+        float_vars = [v for v, fl in zip(node.outvars, float_out, strict=True) if fl]
+        ybar = [grads.pop(v) for v in float_vars]
+        tu = [rows.pop(v) for v in float_vars]
+        if all(y is None for y in ybar):
+            continue
+        ybar_full = [jnp.zeros_like(env[v]) if y is None else y for v, y in zip(float_vars, ybar, strict=True)]
+        in_grads = vjp_fn(ybar_full)
+        in_rows = [None] * len(dep_idx)
+        if any(t is not None for t in tu):
+            tu_full = [_zeros_rows(n_rows, env[v]) if t is None else t for v, t in zip(float_vars, tu, strict=True)]
+            row_targets = list(range(len(dep_idx)))
+            if separable is not None:
+                row_targets = separable.row_targets(node, dep_idx, row_targets)
+            if row_targets:
+                in_rows = jax.vmap(vjp_fn)(tu_full)
+        for k, i in enumerate(dep_idx):
+            grads.add(node.invars[i], in_grads[k])
+            rows.add(node.invars[i], in_rows[k])
+        if separable is not None:
+            separable.visit(node, vals, env, tu, dep_idx)
+        if plan.kinds[node.index] is Curvature.NONE:
+            continue
+        ctx = Context(
+            node=node, info=plan.infos[node.index], invals=vals, outvals=outs,
+            ybar=_ybar_per_output(node, float_out, ybar), key=jax.random.fold_in(key, node.index),
+            num_samples=num_samples, probe=probe, symmetric=plan.symmetric,
+        )
+        for i, fv, gv in rule_for(node).inject(ctx):
+            if plan.symmetric:
+                rows.add(node.invars[i], fv)
+            else:
+                rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
+
+    return SweepResult(
+        outvals=[read(a) for a in plan.program.outvars],
+        grads=[grads.get(v) for v in plan.program.invars],
+        rows=[rows.get(v) for v in plan.program.invars],
+    )
+
+
+def _ybar_per_output(node, float_out, ybar_floats):
+    it = iter(ybar_floats)
+    return [next(it) if fl else None for fl in float_out]
+
+
+def diagonal_from_rows(rows, num_samples, symmetric):
+    """Average `T ⊙ U` over the probes."""
+    if symmetric:
+        return jnp.mean(rows * rows, axis=0)
+    return jnp.mean(rows[:num_samples] * rows[num_samples:], axis=0)

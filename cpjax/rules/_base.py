@@ -1,0 +1,126 @@
+"""The rule registry and what every curvature rule receives and returns.
+
+A rule stands for one primitive (or one composite call). It answers two questions:
+
+* statically, at trace time: what kind of local curvature the equation injects, given
+  which inputs depend on the differentiated arguments and the sign of the cotangent
+  (`Rule.curvature`);
+* in the backward sweep: the injected vectors `F v` and `G v` for each input, for `K`
+  probes at once (`Rule.inject`).
+
+The linear part of every equation (its VJP) is not the rule's business: the sweep applies
+it to the cotangent and to T and U alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cpjax import _probes
+
+
+class Curvature(enum.Enum):
+    """Static kind of an equation's local curvature `M`."""
+
+    NONE = 0  # M = 0: nothing is injected.
+    PSD = 1  # M is positive semi-definite for every value: F = G works.
+    INDEFINITE = 2  # anything else.
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticInfo:
+    """What a rule knows about an equation at trace time.
+
+    Attributes:
+      deps: for each input, the set of differentiated leaves (indices) it depends on; an
+        empty set means the input is a constant of the sweep.
+      out_signs: for each output, the sign of its cotangent when known at trace time
+        (+1 or -1), 0 when it receives no cotangent, None when unknown.
+      prune: drop cross blocks between inputs whose leaf sets are disjoint (valid for the
+        diagonal, not for the full Hessian).
+    """
+
+    deps: tuple
+    out_signs: tuple
+    prune: bool
+
+    def dependent(self, i: int) -> bool:
+        return bool(self.deps[i])
+
+    def disjoint(self, i: int, j: int) -> bool:
+        """Return whether the cross block between inputs i and j can be dropped."""
+        return self.prune and not (self.deps[i] & self.deps[j])
+
+
+@dataclasses.dataclass
+class Context:
+    """What a rule receives in the backward sweep for one equation."""
+
+    node: Any
+    info: StaticInfo
+    invals: list  # primal inputs
+    outvals: list  # primal outputs
+    ybar: list  # cotangent of each output, None where zero
+    key: Any  # PRNG key of this equation
+    num_samples: int
+    probe: str  # "rademacher" or "gaussian"
+    symmetric: bool  # T = U mode: every injection must be PSD and only F v is used
+
+    def draw(self, shape, dtype, salt: int = 0):
+        """Draw `num_samples` probes of `shape`, independent for each `salt`."""
+        key = jax.random.fold_in(self.key, salt)
+        return _probes.draw(key, (self.num_samples, *shape), dtype, self.probe)
+
+
+class Rule:
+    """Base class: a primitive whose local curvature is zero."""
+
+    def curvature(self, node, info: StaticInfo) -> Curvature:
+        return Curvature.NONE
+
+    def inject(self, ctx: Context) -> list:
+        """Return a list of `(input_index, F v, G v)`; `G v` is None when it equals `F v`."""
+        return []
+
+
+# Rules keyed by primitive object. Composite calls are keyed by their name string (a
+# test checks that `jax.nn` still emits those names).
+RULES: dict = {}
+COMPOSITE_RULES: dict = {}
+
+
+def register(rule: Rule, *primitives) -> None:
+    for p in primitives:
+        RULES[p] = rule
+
+
+def safe_sqrt(x):
+    """Square root whose gradient is 0, not NaN, where `x` is 0."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def split_scalar_curvature(m, v):
+    """Split an elementwise local curvature `m` symmetrically: `F v = √|m| v`, `G v = sign(m) F v`.
+
+    This is the best choice among factorisations for a diagonal `M` (the symmetric split of
+    Martens et al., 2012, equal to their complex-square-root variant).
+    """
+    root = safe_sqrt(jnp.abs(m))
+    fv = root * v
+    return fv, jnp.sign(m) * fv
+
+
+def sign_of_product(*signs):
+    """Return the product of static signs, or None when one is unknown."""
+    out = 1
+    for s in signs:
+        if s is None:
+            return None
+        out *= s
+    return out

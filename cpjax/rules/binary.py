@@ -1,0 +1,126 @@
+"""Elementwise binary primitives: per element a 2×2 block `ȳ·[[φ_aa, φ_ab], [φ_ab, φ_bb]]`.
+
+Where only one operand depends on the differentiated arguments, the block reduces to the
+scalar `ȳ φ_aa` (or `ȳ φ_bb`), so `mul` or `div` by a constant injects nothing. Where both do
+and their leaf sets are disjoint, the cross term `φ_ab` cannot reach the diagonal and is
+dropped for diagonal estimates. Otherwise the block is split per element by its closed-form
+eigendecomposition `Q Λ Qᵀ` into `F = Q|Λ|^½`, `G = Q sign(Λ)|Λ|^½`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from cpjax.rules._base import (
+    Curvature,
+    Rule,
+    register,
+    sign_of_product,
+    split_scalar_curvature,
+)
+
+
+def sum_to_shape(x, shape, lead=0):
+    """Sum `x` over the axes along which an operand of `shape` was broadcast.
+
+    `lead` leading axes of `x` (the probes) are kept. Operands of lax's elementwise
+    primitives are either scalars or broadcast along axes of size 1.
+    """
+    if x.shape[lead:] == tuple(shape):
+        return x
+    if len(shape) == 0:
+        return jnp.sum(x, axis=tuple(range(lead, x.ndim)))
+    axes = tuple(lead + k for k, n in enumerate(shape) if n == 1 and x.shape[lead + k] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True)
+
+
+def _mul(a, b, y):
+    zero = jnp.zeros_like(y)
+    return zero, jnp.ones_like(y), zero
+
+
+def _div(a, b, y):
+    inv_b = 1 / b
+    return jnp.zeros_like(y), -inv_b * inv_b, 2 * a * inv_b * inv_b * inv_b
+
+
+def _pow(a, b, y):
+    log_a = jnp.log(a)
+    return b * (b - 1) * jnp.power(a, b - 2), jnp.power(a, b - 1) * (1 + b * log_a), y * log_a**2
+
+
+def _atan2(a, b, y):
+    r2 = a * a + b * b
+    scale = 1 / (r2 * r2)
+    return -2 * a * b * scale, (a * a - b * b) * scale, 2 * a * b * scale
+
+
+class BinaryRule(Rule):
+    """Curvature of an elementwise `y = φ(a, b)` from its three second partials."""
+
+    def __init__(self, partials, zero_aa=False, zero_bb=False, sign_bb=None):
+        self.partials = partials  # (a, b, y) -> (φ_aa, φ_ab, φ_bb)
+        self.zero_aa = zero_aa  # φ_aa = 0 everywhere
+        self.zero_bb = zero_bb  # φ_bb = 0 everywhere
+        self.sign_bb = sign_bb  # sign of φ_bb where it is the same everywhere
+
+    def curvature(self, node, info):
+        dep_a, dep_b = info.dependent(0), info.dependent(1)
+        if info.out_signs[0] == 0 or not (dep_a or dep_b):
+            return Curvature.NONE
+        if dep_a and dep_b and not info.disjoint(0, 1):
+            return Curvature.INDEFINITE
+        kinds = []
+        if dep_a and not self.zero_aa:
+            kinds.append(None)
+        if dep_b and not self.zero_bb:
+            kinds.append(sign_of_product(info.out_signs[0], self.sign_bb))
+        if not kinds:
+            return Curvature.NONE
+        return Curvature.PSD if all(k == 1 for k in kinds) else Curvature.INDEFINITE
+
+    def inject(self, ctx):
+        info = ctx.info
+        (a, b), (y,), (ybar,) = ctx.invals, ctx.outvals, ctx.ybar
+        if ybar is None:
+            return []
+        faa, fab, fbb = self.partials(a, b, y)
+        dep_a, dep_b = info.dependent(0), info.dependent(1)
+        if dep_a and dep_b and not info.disjoint(0, 1):
+            block = self._inject_block(ctx, ybar * faa, ybar * fab, ybar * fbb)
+            return [
+                (i, sum_to_shape(fv, ctx.invals[i].shape, 1), sum_to_shape(gv, ctx.invals[i].shape, 1))
+                for i, fv, gv in block
+            ]
+        out = []
+        for i, dep, zero, second in ((0, dep_a, self.zero_aa, faa), (1, dep_b, self.zero_bb, fbb)):
+            if dep and not zero:
+                # An operand broadcast along size-1 axes gets the sum of its elements' curvature.
+                m = sum_to_shape(ybar * second, ctx.invals[i].shape)
+                v = ctx.draw(m.shape, m.dtype, salt=i)
+                fv, gv = split_scalar_curvature(m, v)
+                out.append((i, fv, None if ctx.symmetric else gv))
+        return out
+
+    @staticmethod
+    def _inject_block(ctx, p, q, r):
+        """Inject the per-element block [[p, q], [q, r]] by its eigendecomposition."""
+        theta = 0.5 * jnp.arctan2(2 * q, p - r)
+        c, s = jnp.cos(theta), jnp.sin(theta)
+        lam1 = p * c * c + 2 * q * s * c + r * s * s
+        lam2 = p * s * s - 2 * q * s * c + r * c * c
+        w1 = ctx.draw(p.shape, p.dtype, salt=0)
+        w2 = ctx.draw(p.shape, p.dtype, salt=1)
+        f1, g1 = split_scalar_curvature(lam1, w1)
+        f2, g2 = split_scalar_curvature(lam2, w2)
+        return [
+            (0, c * f1 - s * f2, c * g1 - s * g2),
+            (1, s * f1 + c * f2, s * g1 + c * g2),
+        ]
+
+
+register(BinaryRule(_mul, zero_aa=True, zero_bb=True), lax.mul_p)
+register(BinaryRule(_div, zero_aa=True), lax.div_p)
+register(BinaryRule(_pow, sign_bb=1), lax.pow_p)
+register(BinaryRule(_atan2), lax.atan2_p)
