@@ -21,9 +21,8 @@ def check_options(name: str, num_samples, probe) -> None:
             "one probe; pass num_samples=1 for a single-probe estimate."
         )
     if probe not in PROBES:
-        raise ValueError(
-            f"{name} got an unknown probe {probe!r}; expected one of {', '.join(map(repr, PROBES))}."
-        )
+        expected = ", ".join(map(repr, PROBES))
+        raise ValueError(f"{name} got an unknown probe {probe!r}; expected one of {expected}.")
 
 
 def normalize_argnums(name: str, argnums, n_args: int) -> tuple:

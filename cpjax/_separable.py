@@ -1,7 +1,312 @@
-"""Separable-axis leaves (being written)."""
+"""Separable axes, and the per-example diagonal at parameters that contract over them.
+
+A batch loss is a sum over examples that do not interact, so the Hessian with respect to an
+intermediate `z` (batch × features) has no block coupling two examples: `E[T_z[b] U_z[b']ᵀ] = 0`
+for `b ≠ b'`. At a parameter `W` used once, as in `z = h @ W`, the plain estimate
+`T_W ⊙ U_W` with `T_W = Σ_b h_b ⊗ T_z[b]` contains every product of two different examples:
+zero in mean, but almost all of the variance. `Σ_b (h_b ∘ h_b) ⊗ (T_z[b] ∘ U_z[b])` has the
+same mean and costs one matrix product, whatever the number of probes.
+
+The analysis (`separable_classes`) is static. Axes of variables are grouped into classes of
+axes that are index-aligned (an elementwise op joins its input's and output's axes, a
+transpose permutes them, a matrix product keeps its batch and free axes). A class is
+*mixed* when an equation that sits before the end of the curvature (one that injects
+curvature, or whose outputs still have some downstream curvature) combines different
+indices along it: a reduction or contraction over it (batch statistics, a softmax over the
+batch), a shift, a gather, or two axes of the same class in one array (similarities between
+examples). Equations after the last curvature (the final sum or mean) may combine freely:
+the Hessian downstream of them is zero. An axis whose class is not mixed is separable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import primitives as prims
+
+from cpjax import _axes
+from cpjax._trace import Var, bind_node
+from cpjax.rules import Curvature
+
+# Single-use equations that only permute or relabel a parameter on its way to its use.
+_PERMUTATIONS = frozenset({
+    lax.transpose_p, lax.reshape_p, lax.convert_element_type_p, lax.copy_p, lax.squeeze_p,
+})
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, x):
+        root = self.parent.setdefault(x, x)
+        if root != x:
+            root = self.parent[x] = self.find(root)
+        return root
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+
+@dataclasses.dataclass
+class SeparableAxes:
+    """Result of the analysis: axis classes, which are mixed, which nodes are free."""
+
+    classes: _UnionFind
+    mixed: set
+    free: set  # indices of nodes after the last curvature
+
+    def separable(self, var, axis) -> bool:
+        return self.classes.find((var, axis)) not in self.mixed
+
+
+def _free_nodes(plan) -> set:
+    """Nodes whose outputs have zero downstream Hessian and that inject nothing."""
+    curved_vars = set()  # variables with some curvature downstream
+    free = set()
+    for node in reversed(plan.program.nodes):
+        if node.index not in plan.infos:
+            continue
+        if plan.kinds[node.index] is Curvature.NONE and not any(
+            v in curved_vars for v in node.outvars
+        ):
+            free.add(node.index)
+            continue
+        for atom in node.invars:
+            if isinstance(atom, Var) and atom in plan.deps:
+                curved_vars.add(atom)
+    return free
+
+
+def separable_classes(plan) -> SeparableAxes:
+    """Group axes into index-aligned classes and find the mixed ones (see module docs)."""
+    free = _free_nodes(plan)
+    classes, constraints = _UnionFind(), []
+    for node in plan.program.nodes:
+        if node.index not in plan.infos or node.index in free:
+            continue
+        for i, atom in enumerate(node.invars):
+            if not (isinstance(atom, Var) and atom in plan.deps):
+                continue
+            for k, target in enumerate(_axes.axis_map(node, i)):
+                if atom.aval.shape[k] == 1 or target == _axes.BROADCAST:
+                    continue
+                if target is None:
+                    constraints.append((atom, k))
+                else:
+                    classes.union((atom, k), (node.outvars[target[0]], target[1]))
+    mixed = {classes.find(key) for key in constraints}
+    for node in plan.program.nodes:
+        if node.index in plan.infos and node.index not in free:
+            for var in [*node.invars, *node.outvars]:
+                if isinstance(var, Var):
+                    mixed |= _repeated_classes(classes, var)
+    return SeparableAxes(classes, mixed, free)
+
+
+def _repeated_classes(classes, var) -> set:
+    """Classes that occur on two axes of one array (e.g. a similarity matrix of examples)."""
+    seen, repeated = set(), set()
+    for k, n in enumerate(var.aval.shape):
+        if n == 1:
+            continue
+        c = classes.find((var, k))
+        (repeated if c in seen else seen).add(c)
+    return repeated
+
+
+@dataclasses.dataclass
+class _Site:
+    """A parameter's single use that contracts over separable axes."""
+
+    position: int  # flat argument position of the leaf
+    node: object  # the contracting equation
+    input_index: int  # which input of `node` carries the parameter
+    chain: list  # permutation equations from the leaf to `node`, in program order
+    axes: tuple  # contracted output axes that are separable
+    other_axes: tuple  # contracted output axes that are not (summed before the product)
 
 
 class SeparableLeaves:
-    @staticmethod
-    def build(plan, positions):
+    """Per-example diagonal estimates at the parameters where the batch axis separates.
+
+    The sweep calls `row_targets` so that it does not propagate T and U into these
+    parameters, and `visit` at each equation, which forms the diagonal at a site.
+    """
+
+    def __init__(self, plan, sites):
+        self.plan = plan
+        self.sites = {s.node.index: s for s in sites}
+        self.by_position = {s.position: s for s in sites}
+        self.diagonals = {}
+
+    @classmethod
+    def build(cls, plan, positions):
+        """Return the separable sites of `plan`, or None when there are none."""
+        axes = separable_classes(plan)
+        uses = _uses(plan.program)
+        sites = []
+        for position in positions:
+            site = _find_site(plan, axes, uses, position)
+            if site is not None:
+                sites.append(site)
+        return cls(plan, sites) if sites else None
+
+    def has(self, position) -> bool:
+        return position in self.by_position
+
+    def row_targets(self, node, dep_idx, targets):
+        site = self.sites.get(node.index)
+        if site is None:
+            return targets
+        return [k for k in targets if dep_idx[k] != site.input_index]
+
+    def visit(self, node, vals, env, tu, dep_idx):
+        site = self.sites.get(node.index)
+        if site is None or tu[0] is None:
+            return
+        k = self.plan_samples(tu[0])
+        rows = tu[0]
+        if self.plan.symmetric:
+            t, u = rows, rows
+        else:
+            t, u = rows[:k], rows[k:]
+        if node.primitive is lax.broadcast_in_dim_p:
+            diag = _broadcast_diagonal(node, site, t, u)
+        elif node.primitive in _LINEAR_ELEMENTWISE:
+            d = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index)
+            diag = _broadcast_diagonal(node, site, d * t, d * u)
+        else:
+            diag = _dot_general_diagonal(node, site, vals, t, u)
+        for chain_node in reversed(site.chain):
+            x = env[chain_node.invars[0]]
+            diag = jax.vjp(lambda z, n=chain_node: bind_node(n, [z])[0], x)[1](
+                diag.astype(env[chain_node.outvars[0]].dtype))[0]
+        self.diagonals[site.position] = diag
+
+    def plan_samples(self, rows):
+        return rows.shape[0] if self.plan.symmetric else rows.shape[0] // 2
+
+    def diagonal(self, position, num_samples):
+        diag = self.diagonals.get(position)
+        if diag is None:
+            var = self.plan.program.invars[position]
+            return jnp.zeros(var.aval.shape, var.aval.dtype)
+        return diag
+
+
+def _uses(program) -> dict:
+    uses = {}
+    for node in program.nodes:
+        for i, atom in enumerate(node.invars):
+            if isinstance(atom, Var):
+                uses.setdefault(atom, []).append((node, i))
+    for atom in program.outvars:
+        if isinstance(atom, Var):
+            uses.setdefault(atom, []).append((None, 0))
+    return uses
+
+
+def _find_site(plan, axes, uses, position):
+    var = plan.program.invars[position]
+    chain = []
+    while True:
+        var_uses = uses.get(var, [])
+        if len(var_uses) != 1 or var_uses[0][0] is None:
+            return None
+        node, i = var_uses[0]
+        if node.primitive in _PERMUTATIONS or _adds_unit_axes(node):
+            chain.append(node)
+            var = node.outvars[0]
+            continue
+        break
+    if node.index not in plan.infos or node.index in axes.free:
         return None
+    contracted = _contracted_axes(node, i)
+    if contracted is None:
+        return None
+    out = node.outvars[0]
+    contracted = [a for a in contracted if out.aval.shape[a] > 1]
+    separable = tuple(a for a in contracted if axes.separable(out, a))
+    other = tuple(a for a in contracted if not axes.separable(out, a))
+    if not separable:
+        return None
+    if node.primitive is lax.dot_general_p and other:
+        return None
+    return _Site(position, node, i, chain, separable, other)
+
+
+def _adds_unit_axes(node) -> bool:
+    """A broadcast_in_dim that only inserts axes of size 1 (a reshape in effect)."""
+    return (node.primitive is lax.broadcast_in_dim_p
+            and node.outvars[0].aval.size == node.invars[0].aval.size)
+
+
+# Elementwise equations linear in each operand: the parameter's cotangent is d ⊙ ȳ summed
+# over the axes it is broadcast along, with d = ∂y/∂operand given here.
+_LINEAR_ELEMENTWISE = {
+    lax.add_p: lambda vals, i: 1,
+    prims.add_jaxvals_p: lambda vals, i: 1,
+    lax.sub_p: lambda vals, i: 1 if i == 0 else -1,
+    lax.mul_p: lambda vals, i: vals[1 - i],
+}
+
+
+def _contracted_axes(node, i):
+    """Output axes that the parameter's VJP sums over, or None for an unsupported use."""
+    out_rank = node.outvars[0].aval.ndim
+    if node.primitive is lax.broadcast_in_dim_p and i == 0:
+        in_shape = node.invars[0].aval.shape
+        kept = {
+            d for n, d in zip(in_shape, node.params["broadcast_dimensions"], strict=True)
+            if n == node.outvars[0].aval.shape[d]
+        }
+        return [a for a in range(out_rank) if a not in kept]
+    if node.primitive in _LINEAR_ELEMENTWISE:
+        in_shape, out_shape = node.invars[i].aval.shape, node.outvars[0].aval.shape
+        if len(in_shape) != len(out_shape):  # a scalar operand
+            return list(range(out_rank))
+        return [a for a in range(out_rank) if in_shape[a] == 1]
+    if node.primitive is lax.dot_general_p:
+        other = 1 - i
+        return [target[1] for target in _axes.axis_map(node, other)
+                if target is not None and target != _axes.BROADCAST
+                and _is_free_axis(node, other, target)]
+    return None
+
+
+def _is_free_axis(node, operand, target):
+    (_, _), (batch_l, _) = node.params["dimension_numbers"]
+    return target[1] >= len(batch_l)
+
+
+def _broadcast_diagonal(node, site, t, u):
+    """`Σ_b (Σ_n T)(Σ_n U)` over separable axes b, after summing non-separable ones n."""
+    if site.other_axes:
+        other = tuple(a + 1 for a in site.other_axes)  # axis 0 holds the probes
+        t = jnp.sum(t, axis=other, keepdims=True)
+        u = jnp.sum(u, axis=other, keepdims=True)
+    prod = jnp.sum(jnp.mean(t * u, axis=0), axis=site.axes, keepdims=True)
+    # Every contracted axis now has size 1 and the rest are the operand's, in order.
+    return prod.reshape(node.invars[site.input_index].aval.shape)
+
+
+def _dot_general_diagonal(node, site, vals, t, u):
+    """`VJP_W(o ∘ o, mean_k T_k ∘ U_k)`: the per-example squares in one matrix product."""
+    i = site.input_index
+    other = vals[1 - i]
+    squared = [None, None]
+    squared[1 - i] = other * other
+    ct = jnp.mean(t * u, axis=0)
+
+    def product(w):
+        operands = list(squared)
+        operands[i] = w
+        return bind_node(node, operands)[0]
+
+    return jax.vjp(product, vals[i])[1](ct.astype(node.outvars[0].aval.dtype))[0]

@@ -159,19 +159,25 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
         tu = [rows.pop(v) for v in float_vars]
         if all(y is None for y in ybar):
             continue
-        ybar_full = [jnp.zeros_like(env[v]) if y is None else y for v, y in zip(float_vars, ybar, strict=True)]
+        ybar_full = [
+            jnp.zeros_like(env[v]) if y is None else y
+            for v, y in zip(float_vars, ybar, strict=True)
+        ]
         in_grads = vjp_fn(ybar_full)
         in_rows = [None] * len(dep_idx)
-        if any(t is not None for t in tu):
-            tu_full = [_zeros_rows(n_rows, env[v]) if t is None else t for v, t in zip(float_vars, tu, strict=True)]
-            row_targets = list(range(len(dep_idx)))
-            if separable is not None:
-                row_targets = separable.row_targets(node, dep_idx, row_targets)
-            if row_targets:
-                in_rows = jax.vmap(vjp_fn)(tu_full)
+        targets = list(range(len(dep_idx)))
+        if separable is not None:
+            targets = separable.row_targets(node, dep_idx, targets)
+        if targets and any(t is not None for t in tu):
+            tu_full = [
+                _zeros_rows(n_rows, env[v]) if t is None else t
+                for v, t in zip(float_vars, tu, strict=True)
+            ]
+            in_rows = jax.vmap(vjp_fn)(tu_full)
         for k, i in enumerate(dep_idx):
             grads.add(node.invars[i], in_grads[k])
-            rows.add(node.invars[i], in_rows[k])
+            if k in targets:
+                rows.add(node.invars[i], in_rows[k])
         if separable is not None:
             separable.visit(node, vals, env, tu, dep_idx)
         if plan.kinds[node.index] is Curvature.NONE:

@@ -89,8 +89,9 @@ class BinaryRule(Rule):
         dep_a, dep_b = info.dependent(0), info.dependent(1)
         if dep_a and dep_b and not info.disjoint(0, 1):
             block = self._inject_block(ctx, ybar * faa, ybar * fab, ybar * fbb)
+            shapes = [x.shape for x in ctx.invals]
             return [
-                (i, sum_to_shape(fv, ctx.invals[i].shape, 1), sum_to_shape(gv, ctx.invals[i].shape, 1))
+                (i, sum_to_shape(fv, shapes[i], 1), sum_to_shape(gv, shapes[i], 1))
                 for i, fv, gv in block
             ]
         out = []

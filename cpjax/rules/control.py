@@ -43,7 +43,8 @@ class CondRule(Rule):
         index, operands = ctx.invals[0], ctx.invals[1:]
         dep = [i for i, d in enumerate(info.deps[1:]) if d]
         ybar = [
-            jnp.zeros_like(o) if y is None else y for o, y in zip(ctx.outvals, ctx.ybar, strict=True)
+            jnp.zeros_like(o) if y is None else y
+            for o, y in zip(ctx.outvals, ctx.ybar, strict=True)
         ]
         n_rows = ctx.num_samples if ctx.symmetric else 2 * ctx.num_samples
         plans = [_branch_plan(b, info, ctx.symmetric) for b in node.params["branches"]]

@@ -1,0 +1,78 @@
+"""Shared references and statistical checks for the cpjax tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+
+def _diff_args(args, argnums):
+    if isinstance(argnums, int):
+        return args[argnums]
+    return tuple(args[i] for i in argnums)
+
+
+def reference_diag(fun, args, argnums=0):
+    """Return the diagonal of the float64 `jax.hessian`, shaped like `args[argnums]`.
+
+    The differentiated arguments are raveled into one vector, so pytree leaves and tuple
+    argnums get the diagonal of the full Hessian, cross-leaf blocks included.
+    """
+    args = tuple(args)
+    for leaf in jax.tree_util.tree_leaves(_diff_args(args, argnums)):
+        assert leaf.dtype == jnp.float64, f"reference needs float64 inputs, got {leaf.dtype}"
+    flat, unravel = ravel_pytree(_diff_args(args, argnums))
+    numbers = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def flat_fun(v):
+        new_args = list(args)
+        parts = (unravel(v),) if isinstance(argnums, int) else unravel(v)
+        for i, part in zip(numbers, parts, strict=True):
+            new_args[i] = part
+        return fun(*new_args)
+
+    return unravel(jnp.diagonal(jax.hessian(flat_fun)(flat)))
+
+
+def draw_estimates(estimator, args, n, seed):
+    """Return an `(n, d)` float64 array of raveled estimates, one per key of `split(seed, n)`."""
+    keys = jax.random.split(jax.random.key(seed), n)
+
+    @jax.jit
+    def one(key):
+        return ravel_pytree(estimator(*args, key=key))[0]
+
+    return np.asarray(jax.vmap(one)(keys), dtype=np.float64)
+
+
+def assert_unbiased(estimator, args, exact, n=2000, z=6.0, seed=20120626, atol=1e-9):
+    """Assert that single-probe estimates average to `exact` on every coordinate.
+
+    `estimator(*args, key=key)` must return one estimate shaped like `exact` (use
+    num_samples=1). It is called under `jax.vmap` for the `n` keys of
+    `jax.random.split(jax.random.key(seed), n)`; the seed is fixed (20120626 by default), so
+    every run draws the same probes. Each coordinate passes when
+    `|mean - exact| <= z * SE + atol`, with `SE = std / sqrt(n)` and `z = 6` by default; the
+    absolute slack `atol` covers coordinates whose estimate has zero variance.
+    """
+    samples = draw_estimates(estimator, args, n, seed)
+    target = np.asarray(ravel_pytree(exact)[0], dtype=np.float64)
+    assert samples.shape == (n, target.size), (samples.shape, target.shape)
+    assert np.all(np.isfinite(samples)), "estimates contain NaN or inf"
+
+    mean = samples.mean(axis=0)
+    standard_error = samples.std(axis=0, ddof=1) / np.sqrt(n)
+    error = np.abs(mean - target)
+    bound = z * standard_error + atol
+    bad = np.flatnonzero(error > bound)
+    assert bad.size == 0, (
+        f"biased at coordinates {bad.tolist()}: mean {mean[bad]}, exact {target[bad]}, "
+        f"|error| {error[bad]}, bound {bound[bad]} (z={z}, n={n}, seed={seed})"
+    )
+
+
+def sample_variance(estimator, args, n, seed):
+    """Return the per-coordinate sample variance of `n` estimates."""
+    return draw_estimates(estimator, args, n, seed).var(axis=0, ddof=1)
