@@ -5,13 +5,18 @@ Martens, Sutskever and Swersky, "Estimating the Hessian by Back-propagating Curv
 (ICML 2012).
 """
 
-from cpjax._api import cp_hessian_diag, cp_value_grad_and_hessian_diag
+from cpjax._api import (
+    becker_lecun_hessian_diag,
+    cp_hessian_diag,
+    cp_value_grad_and_hessian_diag,
+)
 from cpjax._errors import CurvatureError
 from cpjax.baselines import exact_hessian_diag, hutchinson_hessian_diag
 from cpjax.rules import FallbackWarning
 
 __all__ = [
     "CurvatureError",
+    "becker_lecun_hessian_diag",
     "FallbackWarning",
     "cp_hessian_diag",
     "cp_value_grad_and_hessian_diag",

@@ -101,7 +101,8 @@ class _Accumulator:
         return self.values.get(var) if isinstance(var, Var) else None
 
 
-def _forward(plan, invals):
+def forward(plan, invals):
+    """Evaluate the program, linearizing the equations the sweep visits."""
     env = {}
 
     def read(atom):
@@ -143,7 +144,7 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
       separable: optional `cpjax._separable.SeparableLeaves` that takes over the diagonal of
         some leaves (see there); None for the plain estimator.
     """
-    env, read, linear = _forward(plan, invals)
+    env, read, linear = forward(plan, invals)
     n_rows = num_samples if plan.symmetric else 2 * num_samples
     grads, rows = _Accumulator(), _Accumulator()
     for v, ct in zip(plan.program.outvars, out_cotangents, strict=True):

@@ -33,7 +33,7 @@ def reference_diag(fun, args, argnums=0):
             new_args[i] = part
         return fun(*new_args)
 
-    return unravel(jnp.diagonal(jax.hessian(flat_fun)(flat)))
+    return unravel(jnp.diagonal(jax.jit(jax.hessian(flat_fun))(flat)))
 
 
 def draw_estimates(estimator, args, n, seed):

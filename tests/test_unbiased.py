@@ -372,16 +372,76 @@ COMPOSITE = [
     case("fallback_cumprod", cumprod, fallback=True),
 ]
 
-BATTERY = ZERO_CURVATURE + UNARY + SYMMETRIC + BINARY + BILINEAR + COMPOSITE
+# --- parameters contracted over a batch axis (the separable-axis form) -------------------
+
+BATCH = jnp.array([[0.5, -0.2, 0.9], [-0.7, 0.3, 0.1], [0.2, 0.8, -0.4], [-0.1, -0.6, 0.6]])
+DENSE = {
+    "weights": jnp.array([[0.4, -0.3], [0.2, 0.7], [-0.5, 0.1]]),
+    "bias": jnp.array([0.1, -0.2]),
+    "scale": jnp.array([1.2, 0.8]),
+}
+OUT = jnp.array([[1.0, -0.5], [0.3, 0.9], [-1.1, 0.4], [0.6, -0.8]])
+
+
+def dense_layer(params, x):
+    h = jnp.tanh(x @ params["weights"] + params["bias"])
+    return jnp.sum(OUT * jnp.sin(params["scale"] * h))
+
+
+def dense_batch_statistics(params, x):
+    # Centering over the batch couples the examples, so the batch axis is not separable.
+    h = x @ params["weights"] + params["bias"]
+    h = h - jnp.mean(h, axis=0)
+    return jnp.sum(OUT * jnp.tanh(params["scale"] * h))
+
+
+def dense_softmax_over_batch(params, x):
+    logits = params["scale"] * (x @ params["weights"]) + params["bias"]
+    return -jnp.sum(OUT * jax.nn.log_softmax(logits, axis=0))
+
+
+def dense_example_similarity(params, x):
+    h = jnp.tanh(x @ params["weights"] + params["bias"])
+    return jnp.sum(jnp.tanh(h @ h.T)) + jnp.sum(params["scale"] ** 3)
+
+
+BATCHED = [
+    case("dense_layer", dense_layer, (DENSE, BATCH)),
+    case("dense_batch_statistics", dense_batch_statistics, (DENSE, BATCH)),
+    case("dense_softmax_over_batch", dense_softmax_over_batch, (DENSE, BATCH)),
+    case("dense_example_similarity", dense_example_similarity, (DENSE, BATCH)),
+    case("dense_weights_and_inputs", dense_layer, (DENSE, BATCH), (0, 1)),
+]
+
+BATTERY = ZERO_CURVATURE + UNARY + SYMMETRIC + BINARY + BILINEAR + COMPOSITE + BATCHED
+
+# Entries that expose a library bug, with the bug; marked xfail(strict) for the default
+# options only, because separable=False gives the right answer on them.
+KNOWN_BUGS = {
+    "matmul_disjoint": (
+        "with separable=True, a matmul whose two operands are both differentiated leaves "
+        "returns an all-zero diagonal for the first operand"
+    ),
+}
 
 # One entry per rule family, rerun with separable=False and with Gaussian probes.
 SUBSET_IDS = {
     "gather", "scatter_add_both_dependent", "sort", "clamp", "tanh", "log", "erf_inv",
     "exp_symmetric", "neg_log_symmetric", "mul_same_leaf", "pow_disjoint", "outer_same_leaf",
-    "matmul_self", "conv_self", "log_softmax_cross_entropy", "softplus", "cond_true_branch",
-    "fallback_reduce_prod",
+    "matmul_self", "matmul_disjoint", "conv_self", "log_softmax_cross_entropy", "softplus",
+    "cond_true_branch", "fallback_reduce_prod", "dense_layer", "dense_batch_statistics",
 }
 SUBSET = [p for p in BATTERY if p.id in SUBSET_IDS]
+
+
+def with_known_bugs(params):
+    marked = []
+    for p in params:
+        marks = p.marks
+        if p.id in KNOWN_BUGS:
+            marks = (*marks, pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[p.id]))
+        marked.append(pytest.param(*p.values, marks=marks, id=p.id))
+    return marked
 
 
 @pytest.fixture
@@ -400,13 +460,14 @@ def check_case(entry: Case, **options):
         assert_unbiased(estimator, entry.args, exact)
 
 
-def test_battery_has_thirty_functions():
-    assert len(BATTERY) >= 30
-    assert len({p.id for p in BATTERY}) == len(BATTERY)
+def test_battery_size():
+    ids = [p.id for p in BATTERY]
+    assert len(ids) >= 30
+    assert len(set(ids)) == len(ids)
     assert {p.id for p in SUBSET} == SUBSET_IDS
 
 
-@pytest.mark.parametrize("entry", BATTERY)
+@pytest.mark.parametrize("entry", with_known_bugs(BATTERY))
 def test_unbiased_default(entry, fresh_fallback_warnings):
     check_case(entry)
 
@@ -421,8 +482,8 @@ def test_unbiased_gaussian_probes(entry, fresh_fallback_warnings):
     check_case(entry, probe="gaussian")
 
 
-def test_reference_not_trivial():
-    """Each piecewise-linear entry still has curvature on some coordinate."""
-    for entry in ZERO_CURVATURE:
-        exact = reference_diag(entry.fun, entry.args, entry.argnums)
-        assert jnp.any(jnp.abs(exact) > 1e-3), entry.fun.__name__
+@pytest.mark.parametrize("entry", ZERO_CURVATURE)
+def test_piecewise_linear_reference_nonzero(entry):
+    """Each piecewise-linear entry still has curvature to estimate."""
+    exact = reference_diag(entry.fun, entry.args, entry.argnums)
+    assert jnp.max(jnp.abs(exact)) > 1e-3
