@@ -1,0 +1,206 @@
+"""Separable-axis CP: the static analysis and the per-example diagonal at parameters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cpjax
+from cpjax._api import _diff_positions
+from cpjax._separable import SeparableLeaves
+from cpjax._sweep import make_plan
+from cpjax._trace import trace_program
+from tests.helpers import assert_unbiased, reference_diag, sample_variance
+
+
+def residual_batchnorm(params, x, labels):
+    """A residual block with batch norm in training mode, as reported against other tools."""
+    h = jnp.tanh(x @ params["w_in"])
+    mean = h.mean(0)
+    var = ((h - mean) ** 2).mean(0)
+    normed = (h - mean) / jnp.sqrt(var + 1e-5) * params["gamma"] + params["beta"]
+    h = h + jnp.tanh(normed @ params["w_mid"])
+    logits = h @ params["w_out"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def residual_batchnorm_args(seed=0, batch=16, d_in=6, width=5, classes=3):
+    k = jax.random.split(jax.random.PRNGKey(seed), 5)
+    params = {
+        "w_in": jax.random.normal(k[0], (d_in, width)) / 2,
+        "gamma": jnp.ones(width), "beta": jnp.zeros(width),
+        "w_mid": jax.random.normal(k[1], (width, width)) / 2,
+        "w_out": jax.random.normal(k[2], (width, classes)) / 2,
+    }
+    x = jax.random.normal(k[3], (batch, d_in))
+    return params, x, jax.random.randint(k[4], (batch,), 0, classes)
+
+
+def separable_sites(fun, args, argnums=0):
+    """Return {leaf path: separable output axes} for the parameters the analysis accepts."""
+    flat, tree = jax.tree_util.tree_flatten(args)
+    program, _ = trace_program(fun, flat, tree)
+    positions = _diff_positions(args, (argnums,))
+    deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
+    plan = make_plan(program, deps, [1] + [0] * (len(program.outvars) - 1), prune=True)
+    leaves = SeparableLeaves.build(plan, positions)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+    if leaves is None:
+        return {}
+    return {paths[pos]: site.axes for pos, site in leaves.by_position.items()}
+
+
+def mlp_params(seed=0, d_in=6, width=5, classes=3, scale=1.0):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return {
+        "w1": scale * jax.random.normal(k[0], (d_in, width)) / np.sqrt(d_in),
+        "b1": 0.1 * jnp.arange(width, dtype=jnp.float64),
+        "w2": scale * jax.random.normal(k[1], (width, classes)) / np.sqrt(width),
+        "b2": jnp.zeros(classes),
+        "gain": jnp.linspace(0.5, 1.5, width),
+    }
+
+
+def mlp_data(seed=1, batch=12, d_in=6, classes=3):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return jax.random.normal(k[0], (batch, d_in)), jax.random.randint(k[1], (batch,), 0, classes)
+
+
+def mlp_loss(params, x, labels):
+    h = jnp.tanh(x @ params["w1"] + params["b1"]) * params["gain"]
+    logits = h @ params["w2"] + params["b2"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def batch_softmax_loss(params, x, labels):
+    """A softmax over the batch axis: examples compete, so the batch is not separable."""
+    logits = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+    return -jnp.sum(jax.nn.log_softmax(logits, axis=0)[:, 0])
+
+
+def contrastive_loss(params, x, labels):
+    """Similarities between examples: each example's embedding meets every other one."""
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    similarity = h @ h.T
+    return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(similarity, axis=1)))
+
+
+def rolled_loss(params, x, labels):
+    """Neighbouring examples multiplied together: a shift along the batch axis."""
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.sum(jnp.tanh(h * jnp.roll(h, 1, axis=0)))
+
+
+def batchnorm_loss(params, x, labels):
+    """Batch statistics before a non-linearity couple every pair of examples."""
+    h = x @ params["w1"]
+    normed = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)
+    logits = jnp.tanh(normed + params["b1"]) @ params["w2"] + params["b2"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def per_example_norm_loss(params, x, labels):
+    """Layer norm over features keeps the batch axis separable."""
+    h = x @ params["w1"]
+    mu = h.mean(-1, keepdims=True)
+    normed = (h - mu) / jnp.sqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    return jnp.mean(jnp.tanh(normed + params["b1"]) ** 2)
+
+
+def test_analysis_mlp_all_parameters():
+    params = mlp_params()
+    x, labels = mlp_data()
+    sites = separable_sites(mlp_loss, (params, x, labels))
+    assert sites == {
+        "[0]['b1']": (0,), "[0]['b2']": (0,), "[0]['gain']": (0,), "[0]['w1']": (0,),
+        "[0]['w2']": (0,),
+    }
+
+
+@pytest.mark.parametrize("loss", [batch_softmax_loss, contrastive_loss, rolled_loss,
+                                  batchnorm_loss], ids=lambda f: f.__name__)
+def test_analysis_rejects_mixed_batch(loss):
+    params = mlp_params()
+    x, labels = mlp_data()
+    assert separable_sites(loss, (params, x, labels)) == {}
+
+
+def test_analysis_layer_norm_keeps_batch():
+    params = mlp_params()
+    x, labels = mlp_data()
+    sites = separable_sites(per_example_norm_loss, (params, x, labels))
+    assert sites == {"[0]['b1']": (0,), "[0]['w1']": (0,)}
+
+
+def test_analysis_shared_weight_not_used():
+    params = {"w": jnp.ones((3, 3)) / 3}
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+
+    def twice(params, x):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ params["w"]) @ params["w"]))
+
+    assert separable_sites(twice, (params, x)) == {}
+
+
+def test_analysis_sequence_axis_keeps_dot_ordinary():
+    """A weight that also contracts over a mixed sequence axis keeps the ordinary product."""
+    params = {"w": jnp.eye(3) / 2}
+    x = jnp.arange(24.0).reshape(2, 4, 3) / 20
+
+    def sequence_mix(params, x):
+        h = jnp.tanh(x @ params["w"])
+        return jnp.sum(jnp.tanh(jnp.sum(h, axis=1)))
+
+    assert separable_sites(sequence_mix, (params, x)) == {}
+
+
+ALL_LOSSES = [mlp_loss, batch_softmax_loss, contrastive_loss, rolled_loss, batchnorm_loss,
+              per_example_norm_loss]
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES, ids=lambda f: f.__name__)
+def test_separable_estimate_unbiased(loss):
+    """Mean of 2,000 single-probe estimates within 6 standard errors, seed fixed."""
+    params = mlp_params(scale=2.0)
+    x, labels = mlp_data()
+    exact = reference_diag(loss, (params, x, labels))
+    estimator = cpjax.cp_hessian_diag(loss, separable=True)
+    assert_unbiased(estimator, (params, x, labels), exact)
+
+
+def test_residual_batchnorm_case_unbiased():
+    params, x, labels = residual_batchnorm_args()
+    exact = reference_diag(residual_batchnorm, (params, x, labels))
+    estimator = cpjax.cp_hessian_diag(residual_batchnorm)
+    assert_unbiased(estimator, (params, x, labels), exact)
+
+
+def test_separable_cuts_variance():
+    params = mlp_params(scale=2.0)
+    x, labels = mlp_data(batch=64)
+    args = (params, x, labels)
+    plain = sample_variance(cpjax.cp_hessian_diag(mlp_loss, separable=False), args, 400, 5)
+    separable = sample_variance(cpjax.cp_hessian_diag(mlp_loss), args, 400, 5)
+    assert separable.sum() * 5 < plain.sum()
+
+
+def test_separable_with_several_probes():
+    params = mlp_params()
+    x, labels = mlp_data()
+    exact = reference_diag(mlp_loss, (params, x, labels))
+    estimator = cpjax.cp_hessian_diag(mlp_loss, num_samples=4)
+    assert_unbiased(estimator, (params, x, labels), exact, n=500)
+
+
+def test_separable_off_leaves_value_and_grad():
+    params = mlp_params()
+    x, labels = mlp_data()
+    key = jax.random.key(0)
+    on = cpjax.cp_value_grad_and_hessian_diag(mlp_loss)(params, x, labels, key=key)
+    off = cpjax.cp_value_grad_and_hessian_diag(mlp_loss, separable=False)(
+        params, x, labels, key=key)
+    assert jnp.allclose(on[0], off[0], rtol=0, atol=1e-14)
+    for name in params:
+        assert jnp.allclose(on[1][name], off[1][name], rtol=0, atol=1e-14)
