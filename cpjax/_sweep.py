@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cpjax import _analysis
 from cpjax._errors import CurvatureError
@@ -43,6 +44,13 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
         out_signs = tuple(signs.get(v, 0) for v in node.outvars)
         if not any(in_deps) or all(s == 0 for s in out_signs):
             continue
+        if node.primitive is lax.while_p:
+            raise CurvatureError(
+                f"cpjax cannot differentiate through lax.while_loop at {node.where()}: its "
+                "carry depends on the differentiated arguments, and a while loop cannot be "
+                "run in reverse (jax.grad rejects it too). Use lax.scan, or lax.fori_loop "
+                "with static start and stop values."
+            )
         info = StaticInfo(in_deps, out_signs, prune)
         infos[node.index] = info
         kinds[node.index] = rule_for(node).curvature(node, info)
