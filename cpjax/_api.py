@@ -27,7 +27,9 @@ class _Config:
     num_samples: int
     probe: str
     separable: bool
-    estimator: str = "cp"  # "cp" or "becker_lecun"
+    # "cp": diagonal; "cp_factors": the T and U rows themselves, every cross block kept;
+    # "becker_lecun": the deterministic diagonal.
+    estimator: str = "cp"
 
 
 def _is_dynamic(leaf) -> bool:
@@ -94,7 +96,8 @@ def _run_sweep(fun, config: _Config, argnums: tuple, args, key):
     positions = _diff_positions(args, argnums)
     input_deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
     output_signs = [1] + [0] * (len(program.outvars) - 1)
-    plan = _sweep.make_plan(program, input_deps, output_signs, prune=True)
+    prune = config.estimator != "cp_factors"
+    plan = _sweep.make_plan(program, input_deps, output_signs, prune=prune)
     out_cts = [jnp.ones((), out_shape[0].dtype if config.has_aux else out_shape.dtype)]
     out_cts += [None] * (len(program.outvars) - 1)
 
@@ -114,7 +117,20 @@ def _run_sweep(fun, config: _Config, argnums: tuple, args, key):
 
 
 def _zeros_if_none(value, like):
+    if isinstance(value, tuple):
+        return value
     return jnp.zeros_like(like) if value is None else value.astype(like.dtype)
+
+
+def _split_rows(rows, like, num_samples, symmetric):
+    """Return `(T, U)`, each with a leading axis of `num_samples` probes."""
+    if rows is None:
+        rows = jnp.zeros((num_samples, *jnp.shape(like)), jnp.result_type(like))
+        return rows, rows
+    rows = rows.astype(jnp.result_type(like))
+    if symmetric:
+        return rows, rows
+    return rows[:num_samples], rows[num_samples:]
 
 
 def _curvature_propagation(plan, flat, out_cts, key, config, positions):
@@ -123,6 +139,11 @@ def _curvature_propagation(plan, flat, out_cts, key, config, positions):
         separable = SeparableLeaves.build(plan, positions)
     result = _sweep.sweep(plan, flat, out_cts, key, num_samples=config.num_samples,
                           probe=config.probe, separable=separable)
+    if config.estimator == "cp_factors":
+        return result.outvals, result.grads, [
+            _split_rows(rows, flat[i], config.num_samples, plan.symmetric)
+            for i, rows in enumerate(result.rows)
+        ]
     diags = []
     for i, rows in enumerate(result.rows):
         if separable is not None and separable.has(i):
@@ -178,11 +199,12 @@ def _pack(config, argnums_in, value, aux, grads, diags):
     return ((value, aux) if config.has_aux else value), grads, diags
 
 
-def _transform(name, fun, argnums, has_aux, num_samples, probe, separable):
+def _transform(name, fun, argnums, has_aux, num_samples, probe, separable, estimator="cp"):
     _checks.check_options(name, num_samples, probe)
     if not callable(fun):
         raise TypeError(f"{name} requires a callable as its first argument, got {fun!r}.")
-    config = _Config(name, argnums, bool(has_aux), int(num_samples), probe, bool(separable))
+    config = _Config(name, argnums, bool(has_aux), int(num_samples), probe, bool(separable),
+                     estimator)
     return _make_runner(fun, config), config
 
 

@@ -53,7 +53,10 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
             )
         info = StaticInfo(in_deps, out_signs, prune)
         infos[node.index] = info
-        kinds[node.index] = rule_for(node).curvature(node, info)
+        if node.index < program.silent:
+            kinds[node.index] = Curvature.NONE
+        else:
+            kinds[node.index] = rule_for(node).curvature(node, info)
     symmetric = allow_symmetric and all(k is not Curvature.INDEFINITE for k in kinds.values())
     return Plan(program, deps, signs, infos, kinds, symmetric)
 

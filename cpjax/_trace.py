@@ -71,11 +71,16 @@ class Node:
 
 @dataclasses.dataclass
 class Program:
-    """A flat program: input variables, nodes in execution order, output atoms."""
+    """A flat program: input variables, nodes in execution order, output atoms.
+
+    The first `silent` nodes inject no curvature (the model part of a Gauss-Newton
+    product, see `Composition`).
+    """
 
     invars: list
     nodes: list
     outvars: list
+    silent: int = 0
 
 
 def _is_composite_call(eqn) -> str | None:
@@ -148,8 +153,55 @@ def bind_node(node: Node, invals: list) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """`loss_fn(model_fn(*args[:-1]), *args[-1])`, traced with the model's nodes silent.
+
+    Injecting curvature only in the loss gives the generalised Gauss-Newton matrix
+    `Jᵀ ∇²loss J` in place of the Hessian.
+    """
+
+    model_fn: Any
+    loss_fn: Any
+
+    def __call__(self, *args):
+        return self.loss_fn(self.model_fn(*args[:-1]), *args[-1])
+
+    def trace(self, flat_args, in_tree):
+        args = jax.tree_util.tree_unflatten(in_tree, flat_args)
+        model_args, loss_args = args[:-1], tuple(args[-1])
+        n_model = len(jax.tree_util.tree_leaves(model_args))
+        model_leaves, loss_leaves = flat_args[:n_model], flat_args[n_model:]
+        model_tree = jax.tree_util.tree_structure(model_args)
+        loss_tree = jax.tree_util.tree_structure(loss_args)
+
+        def model_flat(*leaves):
+            return self.model_fn(*jax.tree_util.tree_unflatten(model_tree, leaves))
+
+        model_jaxpr, z_shape = jax.make_jaxpr(model_flat, return_shape=True)(*model_leaves)
+        z_leaves, z_tree = jax.tree_util.tree_flatten(z_shape)
+
+        def loss_flat(*leaves):
+            z = jax.tree_util.tree_unflatten(z_tree, leaves[:len(z_leaves)])
+            rest = jax.tree_util.tree_unflatten(loss_tree, leaves[len(z_leaves):])
+            return self.loss_fn(z, *rest)
+
+        loss_jaxpr, out_shape = jax.make_jaxpr(loss_flat, return_shape=True)(
+            *z_leaves, *loss_leaves)
+        builder = _Builder()
+        in_avals = [v.aval for v in model_jaxpr.jaxpr.invars]
+        in_avals += [v.aval for v in loss_jaxpr.jaxpr.invars[len(z_leaves):]]
+        invars = [builder.new_var(aval) for aval in in_avals]
+        z_atoms = builder.inline(model_jaxpr.jaxpr, model_jaxpr.consts, invars[:n_model])
+        silent = len(builder.nodes)
+        outs = builder.inline(loss_jaxpr.jaxpr, loss_jaxpr.consts, z_atoms + invars[n_model:])
+        return Program(invars, builder.nodes, outs, silent), out_shape
+
+
 def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
     """Trace `fun` (taking the unflattened args) to a flat `Program` and its output tree."""
+    if isinstance(fun, Composition):
+        return fun.trace(flat_args, in_tree)
 
     def flat_fun(*leaves):
         args = jax.tree_util.tree_unflatten(in_tree, leaves)

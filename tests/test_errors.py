@@ -1,0 +1,120 @@
+"""Argument checks: each mistake raises one exception type with a message naming the fix."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import cpjax
+
+X = jnp.array([0.1, 0.2, 0.3])
+KEY = jax.random.key(0)
+
+
+def cube_sum(x):
+    return jnp.sum(x**3)
+
+
+# The random estimators share every check; exact_hessian_diag shares those without a key.
+ESTIMATORS = [
+    pytest.param(cpjax.cp_hessian_diag, id="cp_hessian_diag"),
+    pytest.param(cpjax.cp_value_grad_and_hessian_diag, id="cp_value_grad_and_hessian_diag"),
+    pytest.param(cpjax.hutchinson_hessian_diag, id="hutchinson_hessian_diag"),
+]
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_non_scalar_output(transform):
+    with pytest.raises(TypeError, match=r"requires a function with a scalar output.*shape \(3,\)"):
+        transform(lambda x: x**2)(X, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_integer_argument(transform):
+    with pytest.raises(TypeError, match="requires real floating-point inputs.*dtype int"):
+        transform(cube_sum)(jnp.array([1, 2, 3]), key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_boolean_argument(transform):
+    with pytest.raises(TypeError, match="requires real floating-point inputs.*dtype bool"):
+        transform(lambda x: jnp.sum(x))(jnp.array([True, False]), key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_missing_key(transform):
+    with pytest.raises(TypeError, match=r"requires a PRNG key for its probes.*key=jax\.random"):
+        transform(cube_sum)(X)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_key_not_prng_key(transform):
+    with pytest.raises(TypeError, match="requires key to be a PRNG key.*got int"):
+        transform(cube_sum)(X, key=3)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_zero_num_samples(transform):
+    with pytest.raises(ValueError, match="requires num_samples >= 1, got num_samples=0"):
+        transform(cube_sum, num_samples=0)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_float_num_samples(transform):
+    with pytest.raises(TypeError, match="requires an integer num_samples, got 2.0"):
+        transform(cube_sum, num_samples=2.0)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_unknown_probe(transform):
+    with pytest.raises(ValueError, match="unknown probe 'foo'; expected one of 'rademacher'"):
+        transform(cube_sum, probe="foo")
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_complex_input(transform):
+    with pytest.raises(TypeError, match="does not support complex inputs.*complex128"):
+        transform(lambda z: jnp.sum(jnp.abs(z) ** 2))(X + 1j, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_has_aux_without_pair(transform):
+    with pytest.raises(TypeError, match=r"has_aux=True requires the function to return a pair"):
+        transform(cube_sum, has_aux=True)(X, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_has_aux_with_triple(transform):
+    with pytest.raises(TypeError, match=r"return a pair \(output, aux\).*\(\*, \*, \*\)"):
+        transform(lambda x: (cube_sum(x), x, x), has_aux=True)(X, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_argnums_out_of_range(transform):
+    with pytest.raises(ValueError, match="argnums=3 refers to argument 3"):
+        transform(cube_sum, argnums=3)(X, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_integer_output(transform):
+    with pytest.raises(TypeError, match="requires a real floating-point output.*int"):
+        transform(lambda x: cube_sum(x).astype(jnp.int32))(X, key=KEY)
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match="requires a callable as its first argument, got 3"):
+        cpjax.cp_hessian_diag(3)
+
+
+def test_exact_integer_argument():
+    with pytest.raises(TypeError, match="exact_hessian_diag requires real floating-point"):
+        cpjax.exact_hessian_diag(cube_sum)(jnp.array([1, 2, 3]))
+
+
+def test_exact_non_scalar_output():
+    with pytest.raises(TypeError, match="exact_hessian_diag requires a function with a scalar"):
+        cpjax.exact_hessian_diag(lambda x: x**2)(X)
+
+
+def test_exact_invalid_chunk_size():
+    with pytest.raises(ValueError, match="requires chunk_size >= 1, got 0"):
+        cpjax.exact_hessian_diag(cube_sum, chunk_size=0)
