@@ -26,7 +26,7 @@ def cp_hessian_factors(fun, argnums=0, has_aux=False, *, num_samples=1, probe="r
     `E[T Uᵀ] = ∇²fun`, so an entry `(a, b)` is estimated by `mean_k T_k[a] U_k[b]`, a block by
     an outer product of slices, and a rank-K sketch of the Hessian by the stacked vectors,
     without forming the matrix. When every local curvature is positive semi-definite the
-    sweep carries one vector and `U` is `T` (the same arrays).
+    sweep carries one vector and `U` equals `T`.
 
     Returns:
       `fn(*args, key)` returning `(T, U)`, each with the structure of `args[argnums]` and a
