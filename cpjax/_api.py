@@ -76,15 +76,16 @@ def _merge_call(dynamic, static: _Static):
 
 
 def _diff_positions(args, argnums) -> dict:
-    """Map flat leaf position -> index of that leaf among all differentiated leaves."""
-    positions, start, count = {}, 0, 0
-    for i, arg in enumerate(args):
-        n = len(jax.tree_util.tree_leaves(arg))
-        if i in argnums:
-            for j in range(start, start + n):
-                positions[j] = count
-                count += 1
-        start += n
+    """Map flat leaf position -> index among the differentiated leaves, in argnums order."""
+    starts, start = [], 0
+    for arg in args:
+        starts.append(start)
+        start += len(jax.tree_util.tree_leaves(arg))
+    positions, count = {}, 0
+    for i in argnums:
+        for j in range(starts[i], starts[i] + len(jax.tree_util.tree_leaves(args[i]))):
+            positions[j] = count
+            count += 1
     return positions
 
 
@@ -106,8 +107,9 @@ def _run_sweep(fun, config: _Config, argnums: tuple, args, key):
     else:
         outvals, grads, diags = _curvature_propagation(plan, flat, out_cts, key, config,
                                                        positions)
-    grads = [_zeros_if_none(grads[i], flat[i]) for i in sorted(positions)]
-    diags = [_zeros_if_none(diags[i], flat[i]) for i in sorted(positions)]
+    in_order = sorted(positions, key=positions.get)  # flat positions in argnums order
+    grads = [_zeros_if_none(grads[i], flat[i]) for i in in_order]
+    diags = [_zeros_if_none(diags[i], flat[i]) for i in in_order]
     aux = None
     if config.has_aux:
         aux_tree = jax.tree_util.tree_structure(out_shape[1])

@@ -141,7 +141,9 @@ class SeparableLeaves:
 
     def __init__(self, plan, sites):
         self.plan = plan
-        self.sites = {s.node.index: s for s in sites}
+        self.sites = {}  # node index -> sites at that node (both operands of a product)
+        for site in sites:
+            self.sites.setdefault(site.node.index, []).append(site)
         self.by_position = {s.position: s for s in sites}
         self.diagonals = {}
 
@@ -161,17 +163,17 @@ class SeparableLeaves:
         return position in self.by_position
 
     def row_targets(self, node, dep_idx, targets):
-        site = self.sites.get(node.index)
-        if site is None:
-            return targets
-        return [k for k in targets if dep_idx[k] != site.input_index]
+        taken = {site.input_index for site in self.sites.get(node.index, [])}
+        return [k for k in targets if dep_idx[k] not in taken]
 
     def visit(self, node, vals, env, tu, dep_idx):
-        site = self.sites.get(node.index)
-        if site is None or tu[0] is None:
+        if tu[0] is None:
             return
-        k = self.plan_samples(tu[0])
-        rows = tu[0]
+        for site in self.sites.get(node.index, []):
+            self._visit_site(node, site, vals, env, tu[0])
+
+    def _visit_site(self, node, site, vals, env, rows):
+        k = self.plan_samples(rows)
         if self.plan.symmetric:
             t, u = rows, rows
         else:
