@@ -18,7 +18,7 @@ from jax import lax
 from cpjax import _analysis
 from cpjax._errors import CurvatureError
 from cpjax._trace import Program, Var, bind_node
-from cpjax.rules import Context, Curvature, StaticInfo, rule_for
+from cpjax.rules import Context, Curvature, StaticInfo, StructuredRule, rule_for
 
 
 @dataclasses.dataclass
@@ -113,7 +113,12 @@ class _Accumulator:
 
 
 def forward(plan, invals):
-    """Evaluate the program, linearizing the equations the sweep visits."""
+    """Evaluate the program, linearizing the equations the sweep visits.
+
+    Returns `(env, read, linear)`: the value of every variable, a reader for atoms, and for
+    each visited node `(vals, outs, vjp_fn, dep_idx, float_out)`. A node whose rule has its
+    own backward pass (`StructuredRule`) stores its residuals in place of `vjp_fn`.
+    """
     env = {}
 
     def read(atom):
@@ -125,8 +130,14 @@ def forward(plan, invals):
     for node in plan.program.nodes:
         vals = [read(a) for a in node.invars]
         info = plan.infos.get(node.index)
+        rule = rule_for(node)
         if info is None:
             outs = bind_node(node, vals)
+        elif isinstance(rule, StructuredRule):
+            dep_idx = [i for i, d in enumerate(info.deps) if d]
+            float_out = [_analysis.is_float(v.aval) for v in node.outvars]
+            outs, residuals = rule.forward(node, vals)
+            linear[node.index] = (vals, outs, residuals, dep_idx, float_out)
         else:
             dep_idx = [i for i, d in enumerate(info.deps) if d]
             outs, vjp_fn, float_out = _linearize(node, vals, dep_idx)
@@ -141,8 +152,24 @@ def _zeros_rows(n_rows, var_or_val):
     return jnp.zeros((n_rows, *shape), dtype)
 
 
+@dataclasses.dataclass
+class _SweepState:
+    plan: Plan
+    env: dict
+    grads: _Accumulator
+    rows: _Accumulator
+    key: object
+    num_samples: int
+    probe: str
+    separable: object
+
+    @property
+    def n_rows(self):
+        return self.num_samples if self.plan.symmetric else 2 * self.num_samples
+
+
 def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: int,
-          probe: str, separable=None) -> SweepResult:
+          probe: str, separable=None, out_rows=None) -> SweepResult:
     """Run the forward pass and the fused backward sweep.
 
     Args:
@@ -154,62 +181,86 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
       probe: "rademacher" or "gaussian".
       separable: optional `cpjax._separable.SeparableLeaves` that takes over the diagonal of
         some leaves (see there); None for the plain estimator.
+      out_rows: T (and U) rows arriving at each program output, None where zero (used when
+        the program is the body of a loop).
     """
     env, read, linear = forward(plan, invals)
-    n_rows = num_samples if plan.symmetric else 2 * num_samples
-    grads, rows = _Accumulator(), _Accumulator()
-    for v, ct in zip(plan.program.outvars, out_cotangents, strict=True):
-        if ct is not None and v in plan.deps:
-            grads.add(v, ct)
-
+    state = _SweepState(plan, env, _Accumulator(), _Accumulator(), key, num_samples, probe,
+                        separable)
+    out_rows = out_rows or [None] * len(out_cotangents)
+    for v, ct, r in zip(plan.program.outvars, out_cotangents, out_rows, strict=True):
+        if v in plan.deps:
+            state.grads.add(v, ct)
+            state.rows.add(v, r)
     for node in reversed(plan.program.nodes):
-        if node.index not in linear:
-            continue
-        vals, outs, vjp_fn, dep_idx, float_out = linear[node.index]
-        float_vars = [v for v, fl in zip(node.outvars, float_out, strict=True) if fl]
-        ybar = [grads.pop(v) for v in float_vars]
-        tu = [rows.pop(v) for v in float_vars]
-        if all(y is None for y in ybar):
-            continue
-        ybar_full = [
-            jnp.zeros_like(env[v]) if y is None else y
-            for v, y in zip(float_vars, ybar, strict=True)
-        ]
-        in_grads = vjp_fn(ybar_full)
-        in_rows = [None] * len(dep_idx)
-        targets = list(range(len(dep_idx)))
-        if separable is not None:
-            targets = separable.row_targets(node, dep_idx, targets)
-        if targets and any(t is not None for t in tu):
-            tu_full = [
-                _zeros_rows(n_rows, env[v]) if t is None else t
-                for v, t in zip(float_vars, tu, strict=True)
-            ]
-            in_rows = jax.vmap(vjp_fn)(tu_full)
-        for k, i in enumerate(dep_idx):
-            grads.add(node.invars[i], in_grads[k])
-            if k in targets:
-                rows.add(node.invars[i], in_rows[k])
-        if separable is not None:
-            separable.visit(node, vals, env, tu, dep_idx)
-        if plan.kinds[node.index] is Curvature.NONE:
-            continue
-        ctx = Context(
-            node=node, info=plan.infos[node.index], invals=vals, outvals=outs,
-            ybar=_ybar_per_output(node, float_out, ybar), key=jax.random.fold_in(key, node.index),
-            num_samples=num_samples, probe=probe, symmetric=plan.symmetric,
-        )
-        for i, fv, gv in rule_for(node).inject(ctx):
-            if plan.symmetric:
-                rows.add(node.invars[i], fv)
-            else:
-                rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
-
+        if node.index in linear:
+            _visit(state, node, linear[node.index])
     return SweepResult(
         outvals=[read(a) for a in plan.program.outvars],
-        grads=[grads.get(v) for v in plan.program.invars],
-        rows=[rows.get(v) for v in plan.program.invars],
+        grads=[state.grads.get(v) for v in plan.program.invars],
+        rows=[state.rows.get(v) for v in plan.program.invars],
     )
+
+
+def _visit(state: _SweepState, node, linearized):
+    """Propagate ȳ, T and U through one node and add its injections."""
+    vals, outs, vjp_fn, dep_idx, float_out = linearized
+    env = state.env
+    float_vars = [v for v, fl in zip(node.outvars, float_out, strict=True) if fl]
+    ybar = [state.grads.pop(v) for v in float_vars]
+    tu = [state.rows.pop(v) for v in float_vars]
+    if all(y is None for y in ybar) and all(t is None for t in tu):
+        return
+    ybar_full = [jnp.zeros_like(env[v]) if y is None else y
+                 for v, y in zip(float_vars, ybar, strict=True)]
+    rule = rule_for(node)
+    ctx = Context(
+        node=node, info=state.plan.infos[node.index], invals=vals, outvals=outs,
+        ybar=_ybar_per_output(node, float_out, ybar),
+        key=jax.random.fold_in(state.key, node.index), num_samples=state.num_samples,
+        probe=state.probe, symmetric=state.plan.symmetric,
+    )
+    if isinstance(rule, StructuredRule):
+        in_grads, in_rows = _call_rule(node, lambda: rule.backward(ctx, vjp_fn, ybar_full, tu))
+        for k, i in enumerate(dep_idx):
+            state.grads.add(node.invars[i], in_grads[k])
+            state.rows.add(node.invars[i], in_rows[k])
+        return
+    in_grads = vjp_fn(ybar_full)
+    in_rows = [None] * len(dep_idx)
+    targets = list(range(len(dep_idx)))
+    if state.separable is not None:
+        targets = state.separable.row_targets(node, dep_idx, targets)
+    if targets and any(t is not None for t in tu):
+        tu_full = [_zeros_rows(state.n_rows, env[v]) if t is None else t
+                   for v, t in zip(float_vars, tu, strict=True)]
+        in_rows = jax.vmap(vjp_fn)(tu_full)
+    for k, i in enumerate(dep_idx):
+        state.grads.add(node.invars[i], in_grads[k])
+        if k in targets:
+            state.rows.add(node.invars[i], in_rows[k])
+    if state.separable is not None:
+        state.separable.visit(node, vals, env, tu, dep_idx)
+    if state.plan.kinds[node.index] is Curvature.NONE or all(y is None for y in ybar):
+        return
+    for i, fv, gv in _call_rule(node, lambda: rule.inject(ctx)):
+        if state.plan.symmetric:
+            state.rows.add(node.invars[i], fv)
+        else:
+            state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
+
+
+def _call_rule(node, call):
+    """Run a rule, naming the equation and the user's source line if it fails."""
+    try:
+        return call()
+    except CurvatureError:
+        raise
+    except Exception as err:
+        raise CurvatureError(
+            f"cpjax failed to form the local curvature of primitive '{node.primitive.name}' "
+            f"at {node.where()}: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _ybar_per_output(node, float_out, ybar_floats):

@@ -462,17 +462,29 @@ def _grayscale_images():
     return [image.astype(np.float64) @ luma / 255.0 for image in images]
 
 
-def _cut_patches(image, patch_size, count, rng):
-    rows = rng.integers(0, image.shape[0] - patch_size + 1, count)
-    cols = rng.integers(0, image.shape[1] - patch_size + 1, count)
+def _cut_patches(image, patch_size, count, min_contrast, rng):
+    """Cut `count` patches at uniform positions, keeping those with enough contrast."""
+    kept, total = [], 0
     offsets = np.arange(patch_size)
-    index = (rows[:, None, None] + offsets[None, :, None],
-             cols[:, None, None] + offsets[None, None, :])
-    return image[index].reshape(count, patch_size * patch_size)
+    for _ in range(100):
+        rows = rng.integers(0, image.shape[0] - patch_size + 1, 2 * count + 16)
+        cols = rng.integers(0, image.shape[1] - patch_size + 1, 2 * count + 16)
+        index = (rows[:, None, None] + offsets[None, :, None],
+                 cols[:, None, None] + offsets[None, None, :])
+        patches = image[index].reshape(rows.size, patch_size * patch_size)
+        patches = patches[patches.std(axis=1) >= min_contrast]
+        kept.append(patches)
+        total += patches.shape[0]
+        if total >= count:
+            return np.concatenate(kept)[:count]
+    raise ValueError(f"fewer than {count} patches of {patch_size}x{patch_size} pixels have a "
+                     f"pixel standard deviation of at least min_contrast={min_contrast}; "
+                     "lower min_contrast.")
 
 
 def load_whitened_patches(patch_size, num_train, num_test, *, seed=0, test_fraction=0.25,
-                          regularization=1e-4, dtype=np.float32):
+                          min_contrast=0.02, noise=1 / 255, regularization=1e-4,
+                          dtype=np.float32):
     """Cut grayscale patches from scikit-learn's sample photographs and ZCA-whiten them.
 
     Both photographs (`sklearn.datasets.load_sample_images`: "china.jpg" and "flower.jpg",
@@ -519,10 +531,12 @@ def load_whitened_patches(patch_size, num_train, num_test, *, seed=0, test_fract
         if min(top.shape[0], bottom.shape[0]) < patch_size:
             raise ValueError(f"test_fraction={test_fraction} leaves a region of fewer than "
                              f"patch_size={patch_size} rows; choose a fraction nearer 0.5.")
-        train_parts.append(_cut_patches(top, patch_size, train_index.size, rng))
-        test_parts.append(_cut_patches(bottom, patch_size, test_index.size, rng))
+        train_parts.append(_cut_patches(top, patch_size, train_index.size, min_contrast, rng))
+        test_parts.append(_cut_patches(bottom, patch_size, test_index.size, min_contrast, rng))
     train = np.concatenate(train_parts)
     test = np.concatenate(test_parts)
+    train = train + noise * rng.standard_normal(train.shape)
+    test = test + noise * rng.standard_normal(test.shape)
     train = train[rng.permutation(train.shape[0])]
 
     mean = train.mean(axis=0)

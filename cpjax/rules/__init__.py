@@ -9,12 +9,20 @@ from __future__ import annotations
 from jax.extend.core import primitives as prims
 
 from cpjax.rules import bilinear, binary, composite, elementwise, zero  # noqa: F401
-from cpjax.rules._base import COMPOSITE_RULES, RULES, Context, Curvature, Rule, StaticInfo
+from cpjax.rules._base import (
+    COMPOSITE_RULES,
+    RULES,
+    Context,
+    Curvature,
+    Rule,
+    StaticInfo,
+    StructuredRule,
+)
 from cpjax.rules.fallback import FALLBACK, FallbackRule, FallbackWarning
 
 __all__ = [
     "COMPOSITE_RULES", "RULES", "Context", "Curvature", "FALLBACK", "FallbackRule",
-    "FallbackWarning", "Rule", "StaticInfo", "rule_for", "has_rule",
+    "FallbackWarning", "Rule", "StaticInfo", "StructuredRule", "rule_for", "has_rule",
 ]
 
 
@@ -30,6 +38,10 @@ def rule_for(node) -> Rule:
         from cpjax.rules.control import COND
 
         return COND
+    if node.primitive is prims.scan_p:
+        from cpjax.rules.scan import SCAN
+
+        return SCAN
     return RULES.get(node.primitive, FALLBACK)
 
 

@@ -88,6 +88,27 @@ class Rule:
         return []
 
 
+class StructuredRule(Rule):
+    """A rule that runs the whole backward step of its equation itself.
+
+    Loops need this: the curvature injected at step t must travel back through steps
+    t-1, ..., 0 together with the cotangent, so the linear part and the injections cannot be
+    separated as for other equations.
+    """
+
+    def forward(self, node, vals) -> tuple:
+        """Evaluate the node; return `(outputs, residuals)` for `backward`."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward")
+
+    def backward(self, ctx: Context, residuals, ybar: list, rows: list) -> tuple:
+        """Return `(grads, rows)` for the node's dependent inputs, in order.
+
+        `ybar` holds a cotangent for every float output (zeros where absent); `rows` holds
+        the T (and U) rows arriving at each float output, None where zero.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define backward")
+
+
 # Rules keyed by primitive object. Composite calls are keyed by their name string (a
 # test checks that `jax.nn` still emits those names).
 RULES: dict = {}

@@ -1,0 +1,160 @@
+"""scan (and `fori_loop` with a static trip count): a reverse scan carrying ȳ, T and U.
+
+The forward pass runs the loop once, storing the carry that enters each step. The backward
+pass is a scan in the opposite direction whose state is the cotangent, T and U of the
+carry (and running sums for the loop's constants); at each step the body is swept by the
+same interpreter, with fresh probes drawn from `fold_in(key, step)`, so the curvature
+injected at step t travels back through steps t-1, ..., 0. Each step recomputes its body's
+forward pass from the stored carry, as `jax.checkpoint` would.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from cpjax.rules._base import Curvature, StructuredRule
+
+
+@functools.lru_cache(maxsize=128)
+def _body_program(closed_jaxpr):
+    from cpjax._trace import build_program
+
+    return build_program(closed_jaxpr)
+
+
+def _split(node, seq):
+    nc, nk = node.params["num_consts"], node.params["num_carry"]
+    return list(seq[:nc]), list(seq[nc:nc + nk]), list(seq[nc + nk:])
+
+
+class ScanRule(StructuredRule):
+    def _input_deps(self, node, info):
+        """Dependencies of the body's inputs, the carry's found by iterating to a fixed point."""
+        from cpjax import _analysis
+
+        program = _body_program(node.params["jaxpr"])
+        consts, carry, xs = _split(node, list(info.deps))
+        carry = [frozenset(d) for d in carry]
+        while True:
+            deps = _analysis.dependencies(program, consts + carry + xs)
+            new = [
+                c | _analysis.deps_of(deps, out) if _analysis.is_float(out.aval) else c
+                for c, out in zip(carry, program.outvars[:len(carry)], strict=True)
+            ]
+            if new == carry:
+                return consts + carry + xs
+            carry = new
+
+    def body_plan(self, node, info, allow_symmetric):
+        from cpjax._sweep import make_plan
+
+        program = _body_program(node.params["jaxpr"])
+        return make_plan(program, self._input_deps(node, info), [None] * len(program.outvars),
+                         prune=info.prune, allow_symmetric=allow_symmetric)
+
+    def curvature(self, node, info):
+        kinds = set(self.body_plan(node, info, True).kinds.values())
+        if Curvature.INDEFINITE in kinds:
+            return Curvature.INDEFINITE
+        return Curvature.PSD if Curvature.PSD in kinds else Curvature.NONE
+
+    def forward(self, node, vals):
+        consts, init, xs = _split(node, vals)
+        body = jcore.jaxpr_as_fun(node.params["jaxpr"])
+        n_carry = len(init)
+
+        def step(carry, x):
+            out = body(*consts, *carry, *x)
+            return list(out[:n_carry]), (list(out[n_carry:]), list(carry))
+
+        final, (ys, carries) = lax.scan(step, init, xs, length=node.params["length"],
+                                        reverse=node.params["reverse"])
+        return final + ys, carries
+
+    def backward(self, ctx, carries, ybar, rows):
+        from cpjax import _analysis
+
+        node, info = ctx.node, ctx.info
+        plan = self.body_plan(node, info, ctx.symmetric)
+        body_deps = self._input_deps(node, info)
+        consts, init, xs = _split(node, ctx.invals)
+        nc, nk = len(consts), len(init)
+        n_rows = ctx.num_samples if ctx.symmetric else 2 * ctx.num_samples
+        dep = [i for i, d in enumerate(body_deps) if d]
+        outs = ctx.outvals
+        # ȳ and rows per output, zeros where absent, the ys' rows with steps leading.
+        float_out = [_analysis.is_float(v.aval) for v in node.outvars]
+        it_y, it_r = iter(ybar), iter(rows)
+        out_g, out_r = [], []
+        for o, fl in zip(outs, float_out, strict=True):
+            g, r = (next(it_y), next(it_r)) if fl else (None, None)
+            out_g.append(g)
+            out_r.append(None if g is None else (jnp.zeros((n_rows, *o.shape), o.dtype)
+                                                  if r is None else r))
+        carry_g = [out_g[j] if j + nc in dep else None for j in range(nk)]
+        carry_r = [out_r[j] if j + nc in dep else None for j in range(nk)]
+        ys_g = out_g[nk:]
+        ys_r = [None if r is None else jnp.moveaxis(r, 0, 1) for r in out_r[nk:]]
+        const_g = [jnp.zeros_like(consts[i]) if i in dep else None for i in range(nc)]
+        const_r = [jnp.zeros((n_rows, *consts[i].shape), consts[i].dtype) if i in dep else None
+                   for i in range(nc)]
+        length = node.params["length"]
+
+        def step(state, inputs):
+            carry_g, carry_r, const_g, const_r = state
+            carry_t, x_t, y_g, y_r, t = inputs
+            result = self._sweep_body(ctx, plan, consts + carry_t + x_t,
+                                      carry_g + y_g, carry_r + y_r, t)
+            grads = [_or_zeros(g, v, None) for g, v in zip(result.grads, consts + carry_t + x_t,
+                                                            strict=True)]
+            rws = [_or_zeros(r, v, n_rows) for r, v in zip(result.rows, consts + carry_t + x_t,
+                                                            strict=True)]
+            new_state = (
+                [grads[nc + j] if j + nc in dep else None for j in range(nk)],
+                [rws[nc + j] if j + nc in dep else None for j in range(nk)],
+                [None if g is None else g + grads[i] for i, g in enumerate(const_g)],
+                [None if r is None else r + rws[i] for i, r in enumerate(const_r)],
+            )
+            x_dep = [m for m in range(len(x_t)) if nc + nk + m in dep]
+            per_step = ([grads[nc + nk + m] if m in x_dep else None for m in range(len(x_t))],
+                        [rws[nc + nk + m] if m in x_dep else None for m in range(len(x_t))])
+            return new_state, per_step
+
+        state = (
+            [_or_zeros(g, x, None) if j + nc in dep else None
+             for j, (g, x) in enumerate(zip(carry_g, init, strict=True))],
+            [_or_zeros(r, x, n_rows) if j + nc in dep else None
+             for j, (r, x) in enumerate(zip(carry_r, init, strict=True))],
+            const_g, const_r,
+        )
+        steps = jnp.arange(length)
+        (carry_g, carry_r, const_g, const_r), (xs_g, xs_r) = lax.scan(
+            step, state, (carries, xs, ys_g, ys_r, steps), reverse=not node.params["reverse"])
+        xs_r = [None if r is None else jnp.moveaxis(r, 1, 0) for r in xs_r]
+        all_g = const_g + carry_g + xs_g
+        all_r = const_r + carry_r + xs_r
+        outer = [i for i, d in enumerate(info.deps) if d]
+        return [all_g[i] for i in outer], [all_r[i] for i in outer]
+
+    @staticmethod
+    def _sweep_body(ctx, plan, invals, out_g, out_r, t):
+        from cpjax._sweep import sweep
+
+        return sweep(plan, invals, out_g, jax.random.fold_in(ctx.key, t),
+                     num_samples=ctx.num_samples, probe=ctx.probe, out_rows=out_r)
+
+
+def _or_zeros(value, like, n_rows):
+    if value is not None:
+        return value
+    if n_rows is None:
+        return jnp.zeros_like(like)
+    return jnp.zeros((n_rows, *jnp.shape(like)), jnp.result_type(like))
+
+
+SCAN = ScanRule()
