@@ -39,11 +39,40 @@ _CUMULATIVE = frozenset({
 })
 
 
+_COMPARISONS = frozenset({
+    lax.eq_p, lax.ne_p, lax.lt_p, lax.le_p, lax.gt_p, lax.ge_p, lax.and_p, lax.or_p,
+    lax.not_p,
+})
+
+
+def _primitive_is_elementwise(p) -> bool:
+    return (p in _ELEMENTWISE_LINEAR or p in _COMPARISONS
+            or isinstance(RULES.get(p), (ElementwiseRule, BinaryRule)))
+
+
 def is_elementwise(node) -> bool:
-    p = node.primitive
     if node.composite is not None:
-        return False
-    return p in _ELEMENTWISE_LINEAR or isinstance(RULES.get(p), (ElementwiseRule, BinaryRule))
+        return node.composite == "elementwise"
+    return _primitive_is_elementwise(node.primitive)
+
+
+def elementwise_jaxpr(jaxpr) -> bool:
+    """Return whether every equation of `jaxpr` (nested calls included) acts elementwise.
+
+    A broadcast of a scalar counts, so `jnp.where(x > 0, x, 0.0)` does.
+    """
+    for eqn in jaxpr.eqns:
+        p = eqn.primitive
+        if p is lax.broadcast_in_dim_p and eqn.invars[0].aval.ndim == 0:
+            continue
+        if p in (prims.jit_p, prims.custom_jvp_call_p, prims.closed_call_p):
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            if not elementwise_jaxpr(getattr(inner, "jaxpr", inner)):
+                return False
+            continue
+        if not _primitive_is_elementwise(p):
+            return False
+    return True
 
 
 def _elementwise(in_shape, out_shape):
@@ -173,11 +202,6 @@ def axis_map(node, i) -> list:
 
 def _custom_is_elementwise(node) -> bool:
     """Return whether a custom_jvp_call's body is made of elementwise equations only."""
-    from cpjax._trace import build_program
-
-    program = build_program(node.params["call_jaxpr"])
     out_shape = node.outvars[0].aval.shape
     same = all(v.aval.shape in ((), out_shape) for v in node.invars)
-    return same and all(
-        is_elementwise(n) or n.primitive is lax.broadcast_in_dim_p for n in program.nodes
-    )
+    return same and elementwise_jaxpr(node.params["call_jaxpr"].jaxpr)

@@ -22,7 +22,7 @@ from jax import lax
 from cpjax import _axes
 from cpjax._errors import CurvatureError
 from cpjax._trace import Var, bind_node
-from cpjax.rules import COMPOSITE_RULES, RULES, Rule, rule_for
+from cpjax.rules import RULES, Rule, rule_for
 from cpjax.rules.binary import BinaryRule, sum_to_shape
 from cpjax.rules.composite import _log_softmax_axes
 from cpjax.rules.elementwise import ElementwiseRule
@@ -111,10 +111,9 @@ def _structural(node, vjp_fn, d_out, n_out):
 def backward_diagonal(node, vals, outs, ybar, d_out, vjp_fn, dep_idx, n_float_out):
     """Return `D` for each dependent input of `node` (None where it is zero)."""
     p = node.primitive
-    if node.composite is not None:
-        if COMPOSITE_RULES.get(node.composite) is COMPOSITE_RULES.get("log_softmax"):
-            return _log_softmax(node, vals, outs, ybar, d_out)
-    elif p in _BILINEAR:
+    if node.composite == "log_softmax":
+        return _log_softmax(node, vals, outs, ybar, d_out)
+    if p in _BILINEAR:
         return _bilinear(node, vals, d_out, dep_idx)
     elif _axes.is_elementwise(node) or (
         p.name == "custom_jvp_call" and _axes._custom_is_elementwise(node)
