@@ -22,7 +22,8 @@ from cpjax.rules.fallback import FALLBACK, FallbackRule, FallbackWarning
 
 __all__ = [
     "COMPOSITE_RULES", "RULES", "Context", "Curvature", "FALLBACK", "FallbackRule",
-    "FallbackWarning", "Rule", "StaticInfo", "StructuredRule", "rule_for", "has_rule",
+    "FallbackWarning", "Rule", "SPECIAL", "StaticInfo", "StructuredRule", "has_rule",
+    "rule_for", "supported_primitives", "supported_primitives_markdown",
 ]
 
 
@@ -45,6 +46,45 @@ def rule_for(node) -> Rule:
     return RULES.get(node.primitive, FALLBACK)
 
 
+# Primitives handled by rule_for directly. A while_loop whose carry depends on the
+# differentiated arguments is rejected with an error, as jax.grad does.
+SPECIAL = {
+    prims.cond_p: "cond, switch: the branch taken is swept on its own",
+    prims.scan_p: "scan, fori_loop with static bounds: a reverse scan carrying ȳ, T and U",
+    prims.while_p: "while_loop: evaluated; an error if its carry is differentiated",
+    prims.custom_jvp_call_p: "custom_jvp functions: zero, a named rule, or the generic rule",
+}
+
+
 def has_rule(primitive) -> bool:
     """Return whether `primitive` has a rule of its own (not the generic fallback)."""
-    return primitive in RULES
+    return primitive in RULES or primitive in SPECIAL
+
+
+def supported_primitives() -> dict:
+    """Return the registry by family: {family: sorted primitive names}."""
+    from cpjax.rules.fallback import FALLBACK_PRIMITIVES
+
+    families = {
+        "zero curvature (linear)": zero.LINEAR,
+        "zero curvature (piecewise linear)": zero.PIECEWISE_LINEAR,
+        "zero derivative": zero.ZERO_DERIVATIVE,
+        "elementwise, closed-form second derivative": tuple(elementwise.SECOND_DERIVATIVES),
+        "elementwise, nested JVPs": elementwise.NESTED,
+        "elementwise binary, 2×2 split": tuple(
+            p for p, r in RULES.items() if isinstance(r, binary.BinaryRule)),
+        "bilinear": tuple(p for p, r in RULES.items() if isinstance(r, bilinear.BilinearRule)),
+        "control flow and custom rules": tuple(SPECIAL),
+    }
+    table = {family: sorted({p.name for p in ps}) for family, ps in families.items()}
+    table["composite calls"] = sorted(COMPOSITE_RULES)
+    table["generic rule (warns)"] = sorted(FALLBACK_PRIMITIVES)
+    return table
+
+
+def supported_primitives_markdown() -> str:
+    """Render `supported_primitives()` as the README's table."""
+    lines = ["| family | primitives |", "|---|---|"]
+    for family, names in supported_primitives().items():
+        lines.append(f"| {family} | {', '.join(f'`{n}`' for n in names)} |")
+    return "\n".join(lines)

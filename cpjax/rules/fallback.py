@@ -15,6 +15,26 @@ import jax.numpy as jnp
 
 from cpjax.rules._base import Curvature, Rule
 
+# Differentiable primitives of jax.lax that use the generic rule on purpose, and why.
+FALLBACK_PRIMITIVES = {
+    "cumprod": "a product along an axis couples every pair of its elements; no factor of its "
+               "curvature is cheaper than the Hessian-vector product",
+    "cumlogsumexp": "a cumulative log-sum-exp couples every pair of elements up to each "
+                    "position; a structured rule is future work",
+    "reduce_prod": "a product over an axis couples every pair of its elements",
+    "scatter-mul": "multiplies scattered updates into the operand: bilinear with an index map",
+    "reduce": "a reduction with a user-defined computation: the rule depends on that jaxpr",
+    "reduce_window": "a windowed reduction with a user-defined computation",
+    "custom_linear_solve": "custom_linear_solve: its curvature comes from the solve's own rules",
+    "igamma": "incomplete gamma function: second derivatives in a, x have no short form",
+    "igammac": "complementary incomplete gamma function, as igamma",
+    "igamma_grad_a": "derivative of igamma in a, used inside igamma's own derivatives",
+    "polygamma": "polygamma(m, x) with m a float array: the rule in x alone is future work",
+    "zeta": "Hurwitz zeta function: the rule in x alone is future work",
+    "regularized_incomplete_beta": "incomplete beta function: no short closed form",
+    "stage": "an internal staging primitive with no documented derivative",
+}
+
 
 class FallbackWarning(UserWarning):
     """A primitive had no curvature rule and the generic high-variance rule was used."""

@@ -21,14 +21,16 @@ LINEAR = (
     lax.reduce_precision_p, lax.optimization_barrier_p, lax.sharding_constraint_p,
     lax.device_put_p, lax.split_p, lax.real_p, lax.imag_p, lax.conj_p, lax.complex_p,
     lax.reduce_window_sum_p, lax.psum_p, lax.all_gather_p, lax.ppermute_p, lax.all_to_all_p,
-    lax.tile_p, lax.stack_p, lax.unstack_p,
+    lax.tile_p, lax.stack_p, lax.unstack_p, lax.select_and_scatter_add_p,
+    lax.ragged_all_to_all_p, lax.fft_p,
 )
 
 PIECEWISE_LINEAR = (
     lax.max_p, lax.min_p, lax.abs_p, lax.select_n_p, lax.clamp_p, lax.sort_p, lax.reduce_max_p,
     lax.reduce_min_p, lax.cummax_p, lax.cummin_p, lax.scatter_p, lax.scatter_max_p,
     lax.scatter_min_p, lax.rem_p, lax.top_k_p, lax.reduce_window_max_p, lax.reduce_window_min_p,
-    lax.select_and_gather_add_p, lax.pmax_p, lax.pmin_p, lax.nextafter_p,
+    lax.select_and_gather_add_p, lax.pmax_p, lax.pmin_p, lax.nextafter_p, lax.approx_top_k_p,
+    lax.select_and_scatter_p,
 )
 
 ZERO_DERIVATIVE = (
@@ -38,7 +40,9 @@ ZERO_DERIVATIVE = (
     lax.population_count_p, lax.clz_p, lax.shift_left_p, lax.shift_right_logical_p,
     lax.shift_right_arithmetic_p, lax.bitcast_convert_type_p, lax.rng_bit_generator_p,
     prims.random_bits_p, prims.random_seed_p, prims.random_split_p, prims.random_fold_in_p,
-    prims.threefry2x32_p, lax.axis_index_p,
+    prims.threefry2x32_p, lax.axis_index_p, lax.after_all_p, lax.create_token_p,
+    lax.dce_sink_p, lax.eq_to_p, lax.le_to_p, lax.lt_to_p, lax.mulhi_p, lax.reduce_xor_p,
+    lax.rng_uniform_p,
 )
 
 register(Rule(), *LINEAR, *PIECEWISE_LINEAR, *ZERO_DERIVATIVE)
