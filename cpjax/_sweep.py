@@ -254,7 +254,7 @@ def _call_rule(node, call):
     """Run a rule, naming the equation and the user's source line if it fails."""
     try:
         return call()
-    except CurvatureError:
+    except (CurvatureError, Warning):
         raise
     except Exception as err:
         raise CurvatureError(

@@ -12,6 +12,8 @@ negative (a cross-entropy loss), `c ≥ 0` and the injection is positive semi-de
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -104,12 +106,16 @@ class ElementwiseCallRule(Rule):
     def curvature(self, node, info):
         if not self._dependent(node, info) or info.out_signs[0] == 0:
             return Curvature.NONE
+        if _call_is_piecewise_linear(node.eqn):
+            return Curvature.NONE
         if not self._supported(node, info):
             return FALLBACK.curvature(node, info)
         return Curvature.INDEFINITE
 
     def inject(self, ctx):
         node, info = ctx.node, ctx.info
+        if self.curvature(node, info) is Curvature.NONE:
+            return []
         if not self._supported(node, info):
             return FALLBACK.inject(ctx)
         (ybar,) = ctx.ybar
@@ -127,6 +133,13 @@ class ElementwiseCallRule(Rule):
             fv, gv = split_scalar_curvature(m, ctx.draw(m.shape, m.dtype, salt=salt))
             out.append((i, fv, None if ctx.symmetric else gv))
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _call_is_piecewise_linear(eqn) -> bool:
+    from cpjax.rules.custom import _is_piecewise_linear
+
+    return _is_piecewise_linear(eqn.params["jaxpr"], len(eqn.invars))
 
 
 def _second_partial(node, vals, i, j):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import jax.numpy as jnp
+from jax.extend import core as jcore
 
 from cpjax.rules._base import Curvature, Rule
 from cpjax.rules.binary import BinaryRule
@@ -29,16 +30,39 @@ def _logaddexp(a, b, y):
 NAMED = {"logaddexp": BinaryRule(_logaddexp)}
 
 
-@functools.lru_cache(maxsize=256)
-def _body_is_piecewise_linear(call_jaxpr) -> bool:
+def _is_piecewise_linear(closed_jaxpr, n_dependent, n_ignored_outputs=0) -> bool:
+    """Whether a jaxpr is piecewise linear in its first `n_dependent` inputs.
+
+    The first `n_ignored_outputs` outputs are left out of the check.
+    """
     from cpjax._sweep import make_plan
     from cpjax._trace import build_program
 
-    program = build_program(call_jaxpr)
-    plan = make_plan(
-        program, [{0}] * len(program.invars), [None] * len(program.outvars), prune=False
-    )
+    program = build_program(closed_jaxpr)
+    deps = [{0} if i < n_dependent else set() for i in range(len(program.invars))]
+    signs = [0] * n_ignored_outputs + [None] * (len(program.outvars) - n_ignored_outputs)
+    plan = make_plan(program, deps, signs, prune=False)
     return all(kind is Curvature.NONE for kind in plan.kinds.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _rule_is_piecewise_linear(eqn) -> bool:
+    """Whether both the body and the custom JVP rule are piecewise linear in the primals.
+
+    `jax.hessian` differentiates the rule, so a piecewise-linear body (`jnp.clip`) with a
+    rule whose tangent map varies smoothly (`t * cos(x)`) still has curvature.
+    """
+    params = eqn.params
+    n_in = len(eqn.invars) - params["num_consts"]
+    if not _is_piecewise_linear(params["call_jaxpr"], len(eqn.invars)):
+        return False
+    try:
+        jvp_jaxpr, consts, _ = params["jvp_jaxpr_fun"].call_wrapped(*([False] * n_in))
+    except Exception:  # a rule we cannot trace on its own: assume it has curvature
+        return False
+    # Only the tangent outputs matter: the primal outputs call the function itself again.
+    return _is_piecewise_linear(jcore.ClosedJaxpr(jvp_jaxpr, consts), n_in,
+                                n_ignored_outputs=len(eqn.outvars))
 
 
 def custom_function_name(node) -> str | None:
@@ -50,7 +74,7 @@ def custom_function_name(node) -> str | None:
 
 class CustomJvpRule(Rule):
     def _delegate(self, node):
-        if _body_is_piecewise_linear(node.params["call_jaxpr"]):
+        if _rule_is_piecewise_linear(node.eqn):
             return Rule()
         return NAMED.get(custom_function_name(node), FALLBACK)
 

@@ -40,14 +40,13 @@ class FallbackWarning(UserWarning):
     """A primitive had no curvature rule and the generic high-variance rule was used."""
 
 
-_warned: set = set()
-
-
 def _warn_once(node) -> None:
+    """Warn that `node` uses the generic rule.
+
+    The message names the primitive and the user's source line, so Python's default warning
+    filter shows it once per call site.
+    """
     name = node.primitive.name
-    if name in _warned:
-        return
-    _warned.add(name)
     warnings.warn(
         f"cpjax has no curvature rule for primitive '{name}' (at {node.where()}); it uses "
         "the generic rule F = M, G = I with a Hessian-vector product per probe, which is "
