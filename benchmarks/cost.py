@@ -5,7 +5,7 @@ separable batch axis on and off) on a tanh MLP 64 -> 256 -> 256 -> 10 with softm
 cross-entropy over a batch of 512 random inputs, and divides by the time of
 `jax.value_and_grad` and of one Hutchinson probe (one Hessian-vector product). Every method
 is compiled once first. The methods are then called in a new random order in each
-repetition, so that drifts in machine load fall on all of them alike, and the median is kept.
+repetition, so that drifts in machine load fall on all of them alike. The ratios divide medians.
 
 Run from the repository root:
 
@@ -126,23 +126,27 @@ def format_table(times, first_call) -> str:
     baseline = np.median(times[BASELINE])
     hutchinson = np.median(times[HUTCHINSON_ONE])
     lines = [
-        "| method | median ms | IQR ms | × value_and_grad | × Hutchinson, 1 probe "
+        "| method | median ms | min ms | IQR ms | × value_and_grad | × Hutchinson, 1 probe "
         "| first call s (trace + compile) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, values in times.items():
         median = np.median(values)
         spread = np.subtract(*np.percentile(values, [75, 25]))
-        lines.append(f"| {name} | {1e3 * median:.2f} | {1e3 * spread:.2f} "
+        lines.append(f"| {name} | {1e3 * median:.2f} | {1e3 * values.min():.2f} "
+                     f"| {1e3 * spread:.2f} "
                      f"| {median / baseline:.2f} | {median / hutchinson:.2f} "
                      f"| {first_call[name]:.2f} |")
     return "\n".join(lines)
 
 
-def describe_machine() -> str:
-    """Describe the JAX device and the CPU, with the load average that shows competing work."""
+def load_average() -> float:
+    """Return the 1-minute load average (NaN where the OS has none), a sign of competing work."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def describe_machine(load: float) -> str:
     device = jax.devices()[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"jax {jax.__version__}, {device.platform} ({device.device_kind}), "
             f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
             f"1-minute load average {load:.2f} at start")
@@ -150,7 +154,8 @@ def describe_machine() -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    machine = describe_machine()
+    load_at_start = load_average()
+    machine = describe_machine(load_at_start)
     command = "python " + shlex.join(sys.argv if argv is None else ["benchmarks/cost.py", *argv])
     started = time.perf_counter()
 
@@ -176,6 +181,9 @@ def main(argv=None) -> None:
           f"{args.batch}, float32, softmax cross-entropy).\n")
     print(format_table(times, first_call))
     print(f"\nMachine: {machine}")
+    if load_at_start >= 1.0:
+        print(f"NOTE: other processes were running (load average {load_at_start:.2f} at start), "
+              "so the times are noisy. Compare the ratios, and rerun on an idle machine.")
     if retraces:
         print(f"WARNING: the loss was traced {retraces} more times during the timed calls; "
               "some method recompiles on every call and its times include compilation.")
