@@ -75,6 +75,30 @@ def _merge_call(dynamic, static: _Static):
     return [fixed[i] if i in fixed else next(it) for i in range(n)]
 
 
+def jit_per_shape(impl):
+    """Return `run(args, argnums, key)` that calls `impl(args, argnums, key)` jit-compiled.
+
+    Array leaves are traced and Python leaves (ints, strings) stay concrete, as `jax.grad`
+    keeps its non-differentiated arguments; one compilation serves every call with the same
+    shapes. An unhashable Python leaf makes every call trace anew instead.
+    """
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def jitted(dynamic, static, argnums, key):
+        args = jax.tree_util.tree_unflatten(static.tree, _merge_call(dynamic, static))
+        return impl(args, argnums, key)
+
+    def run(args, argnums, key):
+        dynamic, static = _split_call(args, argnums)
+        try:
+            hash(static)
+        except TypeError:
+            return impl(args, argnums, key)
+        return jitted(dynamic, static, argnums, key)
+
+    return run
+
+
 def _diff_positions(args, argnums) -> dict:
     """Map flat leaf position -> index among the differentiated leaves, in argnums order."""
     starts, start = [], 0

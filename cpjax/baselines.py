@@ -8,6 +8,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from cpjax import _checks, _probes
+from cpjax._api import jit_per_shape
 
 
 def _flat_objective(fun, args, argnums, has_aux):
@@ -34,12 +35,15 @@ def _hvp(f, v0):
 
 
 def _prepare(name, fun, args, argnums, has_aux):
+    """Check the call and return argnums as a tuple; the output is checked by abstract tracing."""
     nums = _checks.normalize_argnums(name, argnums, len(args))
     _checks.check_differentiated(name, args, nums)
-    f, v0, unravel, call = _flat_objective(fun, args, nums, has_aux)
+    return nums
+
+
+def _check_output(name, call, v0, has_aux):
     out_shape = jax.eval_shape(call, v0)
     _checks.check_output(name, out_shape if has_aux else out_shape[0], has_aux)
-    return nums, f, v0, unravel, call
 
 
 def _package(argnums, unravel, flat_diag, has_aux, call, v0):
@@ -66,8 +70,9 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{name} requires chunk_size >= 1, got {chunk_size!r}.")
 
-    def diag_fn(*args):
-        nums, f, v0, unravel, call = _prepare(name, fun, args, argnums, has_aux)
+    def impl(args, nums, key):
+        f, v0, unravel, call = _flat_objective(fun, args, nums, has_aux)
+        _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         n = v0.size
 
@@ -76,6 +81,12 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
 
         flat = jax.lax.map(entry, jnp.arange(n), batch_size=min(chunk_size, max(n, 1)))
         return _package(argnums, unravel, flat, has_aux, call, v0)
+
+    run = jit_per_shape(impl)
+
+    def diag_fn(*args):
+        nums = _prepare(name, fun, args, argnums, has_aux)
+        return run(args, nums, None)
 
     return diag_fn
 
@@ -97,12 +108,19 @@ def hutchinson_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1,
     name = "hutchinson_hessian_diag"
     _checks.check_options(name, num_samples, probe)
 
-    def diag_fn(*args, key=None):
-        _checks.check_key(name, key)
-        nums, f, v0, unravel, call = _prepare(name, fun, args, argnums, has_aux)
+    def impl(args, nums, key):
+        f, v0, unravel, call = _flat_objective(fun, args, nums, has_aux)
+        _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         probes = _probes.draw(key, (num_samples, v0.size), v0.dtype, probe)
         flat = jnp.mean(probes * jax.vmap(hvp)(probes), axis=0)
         return _package(argnums, unravel, flat, has_aux, call, v0)
+
+    run = jit_per_shape(impl)
+
+    def diag_fn(*args, key=None):
+        _checks.check_key(name, key)
+        nums = _prepare(name, fun, args, argnums, has_aux)
+        return run(args, nums, key)
 
     return diag_fn
