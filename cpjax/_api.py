@@ -79,7 +79,7 @@ def jit_per_shape(impl):
     """Return `run(args, argnums, key)` that calls `impl(args, argnums, key)` jit-compiled.
 
     Array leaves are traced and Python leaves (ints, strings) stay concrete, as `jax.grad`
-    keeps its non-differentiated arguments; one compilation serves every call with the same
+    keeps its non-differentiated arguments. One compilation serves every call with the same
     shapes. An unhashable Python leaf makes every call trace anew instead.
     """
 

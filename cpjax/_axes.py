@@ -9,7 +9,7 @@
 * `None`: elements along this axis are combined or moved (a reduction, a contraction, a
   shifted slice, a gather) — anything not known to keep indices apart.
 
-The separable-axis analysis builds on these maps; `None` is always the safe answer.
+The separable-axis analysis builds on these maps. `None` is always the safe value.
 """
 
 from __future__ import annotations

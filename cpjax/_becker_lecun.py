@@ -10,7 +10,7 @@ curvature `M`:
 This is exact when no variable feeds two outputs that interact downstream, and biased
 otherwise (a softmax couples its outputs). It costs one extra linear backward pass. It runs
 on the same flat program and analyses as Curvature Propagation, so it covers the same
-programs; an equation it has no rule for is an error naming the primitive.
+programs. An equation it has no rule for raises an error that names the primitive.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 With `E[T Uᵀ] = H`, every entry is estimated by `T_a U_b`, the matrix by the symmetrised
 `(T Uᵀ + U Tᵀ)/2` and the trace (the Laplacian) by `⟨T, U⟩`. Entries off the diagonal need
-every cross block, so the factors are computed without the pruning of disjoint leaves; the
-trace only needs the diagonal and keeps both the pruning and the separable-axis form.
+every cross block, so the factors are computed without the pruning of disjoint leaves. The
+trace only needs the diagonal, so it keeps both the pruning and the separable-axis form.
 """
 
 from __future__ import annotations

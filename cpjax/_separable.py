@@ -8,14 +8,15 @@ zero in mean, but almost all of the variance. `Σ_b (h_b ∘ h_b) ⊗ (T_z[b] �
 same mean and costs one matrix product, whatever the number of probes.
 
 The analysis (`separable_classes`) is static. Axes of variables are grouped into classes of
-axes that are index-aligned (an elementwise op joins its input's and output's axes, a
-transpose permutes them, a matrix product keeps its batch and free axes). A class is
-*mixed* when an equation that sits before the end of the curvature (one that injects
-curvature, or whose outputs still have some downstream curvature) combines different
-indices along it: a reduction or contraction over it (batch statistics, a softmax over the
-batch), a shift, a gather, or two axes of the same class in one array (similarities between
-examples). Equations after the last curvature (the final sum or mean) may combine freely:
-the Hessian downstream of them is zero. An axis whose class is not mixed is separable.
+axes that are index-aligned: an elementwise op joins its input's and output's axes, a
+transpose permutes them, a matrix product keeps its batch and free axes. A class is *mixed*
+when an equation before the end of the curvature combines different indices along it. Such
+an equation injects curvature or has outputs with curvature downstream. Mixing comes from a
+reduction or contraction over the class (batch statistics, a softmax over the batch), a
+shift, a gather, or two axes of the same class in one array (similarities between
+examples). Equations after the last curvature, such as the final sum or mean, may combine
+freely because the Hessian downstream of them is zero. An axis whose class is not mixed is
+separable.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def _find_site(plan, axes, uses, position):
 
 
 def _adds_unit_axes(node) -> bool:
-    """A broadcast_in_dim that only inserts axes of size 1 (a reshape in effect)."""
+    """Return whether `node` is a broadcast_in_dim that only inserts axes of size 1."""
     return (node.primitive is lax.broadcast_in_dim_p
             and node.outvars[0].aval.size == node.invars[0].aval.size)
 
@@ -290,7 +291,7 @@ def _is_free_axis(node, operand, target):
 def _broadcast_diagonal(node, site, t, u):
     """`Σ_b (Σ_n T)(Σ_n U)` over separable axes b, after summing non-separable ones n."""
     if site.other_axes:
-        other = tuple(a + 1 for a in site.other_axes)  # axis 0 holds the probes
+        other = tuple(a + 1 for a in site.other_axes)  # axis 0 indexes the probes
         t = jnp.sum(t, axis=other, keepdims=True)
         u = jnp.sum(u, axis=other, keepdims=True)
     prod = jnp.sum(jnp.mean(t * u, axis=0), axis=site.axes, keepdims=True)

@@ -23,7 +23,7 @@ from cpjax.rules import Context, Curvature, StaticInfo, StructuredRule, rule_for
 
 @dataclasses.dataclass
 class Plan:
-    """What the analyses decided about a program, fixed at trace time."""
+    """Decisions of the static analyses about a program, fixed at trace time."""
 
     program: Program
     deps: dict
@@ -83,7 +83,7 @@ def _linearize(node, invals, dep_idx):
 
     try:
         floats, vjp_fn, others = jax.vjp(f, *[invals[i] for i in dep_idx], has_aux=True)
-    except Exception as err:  # JAX's own message says why; we add where.
+    except Exception as err:  # JAX's message gives the reason; this adds the source line.
         raise CurvatureError(
             f"cpjax cannot differentiate primitive '{node.primitive.name}' at {node.where()} "
             f"with respect to the differentiated arguments: {err}"

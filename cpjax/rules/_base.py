@@ -34,7 +34,7 @@ class Curvature(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class StaticInfo:
-    """What a rule knows about an equation at trace time.
+    """Static facts about an equation that a rule receives at trace time.
 
     Attributes:
       deps: for each input, the set of differentiated leaves (indices) it depends on; an
@@ -59,7 +59,7 @@ class StaticInfo:
 
 @dataclasses.dataclass
 class Context:
-    """What a rule receives in the backward sweep for one equation."""
+    """Values a rule receives in the backward sweep for one equation."""
 
     node: Any
     info: StaticInfo
@@ -103,8 +103,8 @@ class StructuredRule(Rule):
     def backward(self, ctx: Context, residuals, ybar: list, rows: list) -> tuple:
         """Return `(grads, rows)` for the node's dependent inputs, in order.
 
-        `ybar` holds a cotangent for every float output (zeros where absent); `rows` holds
-        the T (and U) rows arriving at each float output, None where zero.
+        `ybar` contains a cotangent for every float output (zeros where absent). `rows`
+        contains the T (and U) rows arriving at each float output, None where zero.
         """
         raise NotImplementedError(f"{type(self).__name__} must define backward")
 

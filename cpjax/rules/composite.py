@@ -78,7 +78,7 @@ class LogSoftmaxRule(Rule):
         c = -jnp.sum(ybar, axis=axes, keepdims=True)
         scale = safe_sqrt(jnp.abs(c))
         v = ctx.draw(z.shape, z.dtype)
-        # A v with A = diag √p − p √pᵀ, for every probe at once (axis 0 holds the probes).
+        # A v with A = diag √p − p √pᵀ, for every probe at once (axis 0 indexes the probes).
         axes_k = tuple(a + 1 for a in axes)
         av = root_p * v - p * jnp.sum(root_p * v, axis=axes_k, keepdims=True)
         fv = scale * av

@@ -31,7 +31,7 @@ NAMED = {"logaddexp": BinaryRule(_logaddexp)}
 
 
 def _is_piecewise_linear(closed_jaxpr, n_dependent, n_ignored_outputs=0) -> bool:
-    """Whether a jaxpr is piecewise linear in its first `n_dependent` inputs.
+    """Return whether a jaxpr is piecewise linear in its first `n_dependent` inputs.
 
     The first `n_ignored_outputs` outputs are left out of the check.
     """
@@ -47,7 +47,7 @@ def _is_piecewise_linear(closed_jaxpr, n_dependent, n_ignored_outputs=0) -> bool
 
 @functools.lru_cache(maxsize=256)
 def _rule_is_piecewise_linear(eqn) -> bool:
-    """Whether both the body and the custom JVP rule are piecewise linear in the primals.
+    """Return whether the body and the custom JVP rule are both piecewise linear in the primals.
 
     `jax.hessian` differentiates the rule, so a piecewise-linear body (`jnp.clip`) with a
     rule whose tangent map varies smoothly (`t * cos(x)`) still has curvature.

@@ -1,10 +1,10 @@
 """scan (and `fori_loop` with a static trip count): a reverse scan carrying ȳ, T and U.
 
 The forward pass runs the loop once, storing the carry that enters each step. The backward
-pass is a scan in the opposite direction whose state is the cotangent, T and U of the
-carry (and running sums for the loop's constants); at each step the body is swept by the
-same interpreter, with fresh probes drawn from `fold_in(key, step)`, so the curvature
-injected at step t travels back through steps t-1, ..., 0. Each step recomputes its body's
+pass is a scan in the opposite direction. Its state is the cotangent, T and U of the carry,
+with running sums for the loop's constants. At each step the same interpreter sweeps the
+body with fresh probes drawn from `fold_in(key, step)`, so the curvature injected at step
+t travels back through steps t-1, ..., 0. Each step recomputes its body's
 forward pass from the stored carry, as `jax.checkpoint` would.
 """
 
