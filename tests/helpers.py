@@ -50,12 +50,12 @@ def draw_estimates(estimator, args, n, seed):
 def assert_unbiased(estimator, args, exact, n=2000, z=6.0, seed=20120626, atol=1e-9):
     """Assert that single-probe estimates average to `exact` on every coordinate.
 
-    `estimator(*args, key=key)` must return one estimate shaped like `exact` (use
-    num_samples=1). It is called under `jax.vmap` for the `n` keys of
-    `jax.random.split(jax.random.key(seed), n)`; the seed is fixed (20120626 by default), so
-    every run draws the same probes. Each coordinate passes when
-    `|mean - exact| <= z * SE + atol`, with `SE = std / sqrt(n)` and `z = 6` by default; the
-    absolute slack `atol` covers coordinates whose estimate has zero variance.
+    `estimator(*args, key=key)` must return one estimate shaped like `exact`, normally from
+    num_samples=1 (with num_samples=K each draw is a K-probe average). It runs under
+    `jax.vmap` over the `n` keys of `jax.random.split(jax.random.key(seed), n)`. The seed is
+    fixed (20120626 by default), so every run draws the same probes. Each coordinate passes
+    when `|mean - exact| <= z * SE + atol`, with `SE = std / sqrt(n)` and `z = 6` by default.
+    The absolute slack `atol` covers coordinates whose estimate has zero variance.
     """
     samples = draw_estimates(estimator, args, n, seed)
     target = np.asarray(ravel_pytree(exact)[0], dtype=np.float64)

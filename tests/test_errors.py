@@ -14,7 +14,8 @@ def cube_sum(x):
     return jnp.sum(x**3)
 
 
-# The random estimators share every check; exact_hessian_diag shares those without a key.
+# The three random estimators share every check below. exact_hessian_diag shares the ones
+# that need no key, tested at the end.
 ESTIMATORS = [
     pytest.param(cpjax.cp_hessian_diag, id="cp_hessian_diag"),
     pytest.param(cpjax.cp_value_grad_and_hessian_diag, id="cp_value_grad_and_hessian_diag"),

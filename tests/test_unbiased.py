@@ -1,9 +1,9 @@
-"""Unbiasedness of `cp_hessian_diag` on one small function per curvature rule.
+"""Unbiasedness of `cp_hessian_diag` on small functions that cover every curvature rule.
 
 Every entry is checked against the diagonal of the float64 `jax.hessian` with
-`assert_unbiased` (2000 single-probe estimates, z = 6, fixed seed). Functions have at most
-nine coordinates, with inputs kept inside each primitive's domain and away from the kinks
-of piecewise-linear maps.
+`assert_unbiased` (2000 single-probe estimates, z = 6, fixed seed). Most functions have six
+to ten coordinates (one has 22), with inputs kept inside each primitive's domain and away
+from the kinks of piecewise-linear maps.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from jax import lax
 from jax.scipy import special
 
 import cpjax
-from cpjax.rules import fallback
 from tests.helpers import assert_unbiased, reference_diag
 
 # Distinct values in (0, 1), so sort, max and min have no ties.
@@ -113,7 +112,7 @@ def select_n(x):
 
 
 def clamp(x):
-    # Four of the six entries of 3 sin(x) lie inside [0.9, 2.1]; the others are clamped.
+    # Three of the six entries lie inside [0.9, 2.1], and the other three are clamped to 2.1.
     return jnp.sum(W * lax.clamp(0.9, 3 * jnp.sin(mix(x) + x), 2.1) ** 3)
 
 
@@ -148,7 +147,7 @@ ZERO_CURVATURE = [
 
 
 def unary(op, shift=0.0, scale=1.0):
-    """Return `x -> Σ W ⊙ op(shift + scale · MIX x)`; MIX x lies in [0.15, 0.78]."""
+    """Return `x -> Σ W ⊙ op(shift + scale · MIX x)`, where MIX x lies in [0.15, 0.78]."""
 
     def fun(x):
         return jnp.sum(W * op(shift + scale * mix(x)))
@@ -201,12 +200,10 @@ def psd_sum(op, sign=1.0, shift=0.0, scale=1.0):
 # semi-definite and the sweep carries a single vector (T = U).
 SYMMETRIC = [
     case("exp_symmetric", psd_sum(jnp.exp)),
-    case("cosh_symmetric", psd_sum(jnp.cosh, shift=-0.5, scale=2.0)),
     case("rsqrt_symmetric", psd_sum(lax.rsqrt)),
     case("square_symmetric", psd_sum(jnp.square, shift=-0.5, scale=2.0)),
     case("even_power_symmetric", psd_sum(lambda u: u**4, shift=-0.5, scale=2.0)),
     case("neg_log_symmetric", psd_sum(jnp.log, sign=-1.0)),
-    case("neg_sqrt_symmetric", psd_sum(jnp.sqrt, sign=-1.0)),
     case("neg_acosh_symmetric", psd_sum(jnp.arccosh, sign=-1.0, shift=1.0, scale=2.0)),
 ]
 
@@ -415,46 +412,26 @@ BATCHED = [
 
 BATTERY = ZERO_CURVATURE + UNARY + SYMMETRIC + BINARY + BILINEAR + COMPOSITE + BATCHED
 
-# Entries that expose a library bug, marked xfail(strict) in the runs with separable=True
-# only, because separable=False gives the right answer on them.
-_BOTH_OPERANDS_BUG = (
-    "with separable=True, a matmul whose two operands are both differentiated leaves "
-    "returns an all-zero diagonal for one of them"
-)
-KNOWN_BUGS = {
-    "matmul_disjoint": _BOTH_OPERANDS_BUG,
-    "dense_weights_and_inputs": _BOTH_OPERANDS_BUG,
-}
-
-# One entry per rule family, rerun with separable=False and with Gaussian probes.
+# One or two entries per rule family, rerun with separable=False and with Gaussian probes.
 SUBSET_IDS = {
-    "gather", "scatter_add_both_dependent", "sort", "clamp", "tanh", "log", "erf_inv",
-    "exp_symmetric", "neg_log_symmetric", "mul_same_leaf", "pow_disjoint", "outer_same_leaf",
+    "scatter_add_both_dependent", "tanh", "exp_symmetric", "mul_same_leaf", "pow_disjoint",
     "matmul_self", "matmul_disjoint", "conv_self", "log_softmax_cross_entropy", "softplus",
-    "cond_true_branch", "fallback_reduce_prod", "dense_layer", "dense_batch_statistics",
-    "dense_weights_and_inputs",
+    "cond_true_branch", "fallback_reduce_prod", "dense_layer", "dense_weights_and_inputs",
 }
 SUBSET = [p for p in BATTERY if p.id in SUBSET_IDS]
 
 
-def with_known_bugs(params):
-    marked = []
-    for p in params:
-        marks = p.marks
-        if p.id in KNOWN_BUGS:
-            marks = (*marks, pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[p.id]))
-        marked.append(pytest.param(*p.values, marks=marks, id=p.id))
-    return marked
+_REFERENCES = {}  # id(Case) -> exact diagonal, shared by the three runs of an entry
 
 
-@pytest.fixture
-def fresh_fallback_warnings(monkeypatch):
-    """Forget which primitives already warned, so each test sees its own FallbackWarning."""
-    monkeypatch.setattr(fallback, "_warned", set())
+def cached_reference(entry: Case):
+    if id(entry) not in _REFERENCES:
+        _REFERENCES[id(entry)] = reference_diag(entry.fun, entry.args, entry.argnums)
+    return _REFERENCES[id(entry)]
 
 
 def check_case(entry: Case, **options):
-    exact = reference_diag(entry.fun, entry.args, entry.argnums)
+    exact = cached_reference(entry)
     estimator = cpjax.cp_hessian_diag(entry.fun, entry.argnums, num_samples=1, **options)
     if entry.fallback:
         with pytest.warns(cpjax.FallbackWarning, match="no curvature rule for primitive"):
@@ -470,23 +447,23 @@ def test_battery_size():
     assert {p.id for p in SUBSET} == SUBSET_IDS
 
 
-@pytest.mark.parametrize("entry", with_known_bugs(BATTERY))
-def test_unbiased_default(entry, fresh_fallback_warnings):
+@pytest.mark.parametrize("entry", BATTERY)
+def test_unbiased_default(entry):
     check_case(entry)
 
 
 @pytest.mark.parametrize("entry", SUBSET)
-def test_unbiased_not_separable(entry, fresh_fallback_warnings):
+def test_unbiased_not_separable(entry):
     check_case(entry, separable=False)
 
 
-@pytest.mark.parametrize("entry", with_known_bugs(SUBSET))
-def test_unbiased_gaussian_probes(entry, fresh_fallback_warnings):
+@pytest.mark.parametrize("entry", SUBSET)
+def test_unbiased_gaussian_probes(entry):
     check_case(entry, probe="gaussian")
 
 
 @pytest.mark.parametrize("entry", ZERO_CURVATURE)
 def test_piecewise_linear_reference_nonzero(entry):
     """Each piecewise-linear entry still has curvature to estimate."""
-    exact = reference_diag(entry.fun, entry.args, entry.argnums)
+    exact = cached_reference(entry)
     assert jnp.max(jnp.abs(exact)) > 1e-3
