@@ -133,6 +133,15 @@ def _dot_general(node, i, in_rank):
     return result
 
 
+def _conv(node, i, rank):
+    """Only the batch axis of the input image reaches the output index for index."""
+    result = [None] * rank
+    if i == 0 and node.params["batch_group_count"] == 1:
+        specs = node.params["dimension_numbers"]
+        result[specs.lhs_spec[0]] = (0, specs.out_spec[0])
+    return result
+
+
 def _slice(node, in_shape):
     starts = node.params["start_indices"]
     strides = node.params["strides"] or (1,) * len(in_shape)
@@ -184,6 +193,8 @@ def axis_map(node, i) -> list:
         return [None if k == node.params["dimension"] else (i, k) for k in range(rank)]
     if p is lax.dot_general_p:
         return _dot_general(node, i, rank)
+    if p is lax.conv_general_dilated_p:
+        return _conv(node, i, rank)
     if p is lax.slice_p:
         return _slice(node, in_shape)
     if p is lax.pad_p:

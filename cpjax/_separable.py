@@ -184,6 +184,8 @@ class SeparableLeaves:
         elif node.primitive in _LINEAR_ELEMENTWISE:
             d = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index)
             diag = _broadcast_diagonal(node, site, d * t, d * u)
+        elif node.primitive is lax.conv_general_dilated_p and site.other_axes:
+            diag = _conv_per_example_diagonal(node, vals, t, u)
         else:
             diag = _dot_general_diagonal(node, site, vals, t, u)
         for chain_node in reversed(site.chain):
@@ -241,7 +243,25 @@ def _find_site(plan, axes, uses, position):
         return None
     if node.primitive is lax.dot_general_p and other:
         return None
+    if node.primitive is lax.conv_general_dilated_p and other and not _fits_per_example(
+            plan, node, i, out):
+        return None
     return _Site(position, node, i, chain, separable, other)
+
+
+# Largest K·B·|W| for which a convolution kernel's per-example cotangents are formed; above
+# it the kernel keeps the ordinary product (float32: 256 MiB for T and as much for U).
+PER_EXAMPLE_LIMIT = 2**26
+
+
+def _fits_per_example(plan, node, i, out):
+    """Whether per-example kernel cotangents for the batch axis fit the size limit."""
+    if i != 1 or node.params["batch_group_count"] != 1:
+        return False
+    batch = out.aval.shape[node.params["dimension_numbers"].out_spec[0]]
+    kernel = node.invars[1].aval.size
+    # The number of probes is not known here; 64 covers the common settings.
+    return batch * kernel * 64 <= PER_EXAMPLE_LIMIT
 
 
 def _adds_unit_axes(node) -> bool:
@@ -275,6 +295,11 @@ def _contracted_axes(node, i):
         if len(in_shape) != len(out_shape):  # a scalar operand
             return list(range(out_rank))
         return [a for a in range(out_rank) if in_shape[a] == 1]
+    if node.primitive is lax.conv_general_dilated_p:
+        if i != 1:
+            return None
+        feature = node.params["dimension_numbers"].out_spec[1]
+        return [a for a in range(out_rank) if a != feature]
     if node.primitive is lax.dot_general_p:
         other = 1 - i
         return [target[1] for target in _axes.axis_map(node, other)
@@ -297,6 +322,28 @@ def _broadcast_diagonal(node, site, t, u):
     prod = jnp.sum(jnp.mean(t * u, axis=0), axis=site.axes, keepdims=True)
     # Every contracted axis now has size 1 and the rest are the operand's, in order.
     return prod.reshape(node.invars[site.input_index].aval.shape)
+
+
+def _conv_per_example_diagonal(node, vals, t, u):
+    """`mean_k Σ_b T_W[b] ∘ U_W[b]` from each example's own kernel cotangent.
+
+    Used where the spatial axes are not separable: positions within an example interact,
+    so only the products of different examples can be dropped.
+    """
+    x, w = vals
+    specs = node.params["dimension_numbers"]
+    x_batch, out_batch = specs.lhs_spec[0], specs.out_spec[0]
+    dtype = node.outvars[0].aval.dtype
+
+    def kernel_cotangent(x_b, ct_b):
+        x_one = jnp.expand_dims(x_b, x_batch)
+        ct_one = jnp.expand_dims(ct_b, out_batch).astype(dtype)
+        return jax.vjp(lambda kernel: bind_node(node, [x_one, kernel])[0], w)[1](ct_one)[0]
+
+    per_example = jax.vmap(kernel_cotangent, in_axes=(x_batch, out_batch))
+    per_probe = jax.vmap(per_example, in_axes=(None, 0))
+    t_w, u_w = per_probe(x, t), per_probe(x, u)
+    return jnp.sum(jnp.mean(t_w * u_w, axis=0), axis=0)
 
 
 def _dot_general_diagonal(node, site, vals, t, u):
