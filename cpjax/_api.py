@@ -162,7 +162,7 @@ def _split_rows(rows, like, num_samples, symmetric):
 def _curvature_propagation(plan, flat, out_cts, key, config, positions):
     separable = None
     if config.separable:
-        separable = SeparableLeaves.build(plan, positions)
+        separable = SeparableLeaves.build(plan, positions, config.num_samples)
     result = _sweep.sweep(plan, flat, out_cts, key, num_samples=config.num_samples,
                           probe=config.probe, separable=separable)
     if config.estimator == "cp_factors":

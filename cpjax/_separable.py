@@ -149,13 +149,13 @@ class SeparableLeaves:
         self.diagonals = {}
 
     @classmethod
-    def build(cls, plan, positions):
+    def build(cls, plan, positions, num_samples=1):
         """Return the separable sites of `plan`, or None when there are none."""
         axes = separable_classes(plan)
         uses = _uses(plan.program)
         sites = []
         for position in positions:
-            site = _find_site(plan, axes, uses, position)
+            site = _find_site(plan, axes, uses, position, num_samples)
             if site is not None:
                 sites.append(site)
         return cls(plan, sites) if sites else None
@@ -217,7 +217,7 @@ def _uses(program) -> dict:
     return uses
 
 
-def _find_site(plan, axes, uses, position):
+def _find_site(plan, axes, uses, position, num_samples):
     var = plan.program.invars[position]
     chain = []
     while True:
@@ -244,7 +244,7 @@ def _find_site(plan, axes, uses, position):
     if node.primitive is lax.dot_general_p and other:
         return None
     if node.primitive is lax.conv_general_dilated_p and other and not _fits_per_example(
-            plan, node, i, out):
+            node, i, out, num_samples):
         return None
     return _Site(position, node, i, chain, separable, other)
 
@@ -254,14 +254,13 @@ def _find_site(plan, axes, uses, position):
 PER_EXAMPLE_LIMIT = 2**26
 
 
-def _fits_per_example(plan, node, i, out):
-    """Whether per-example kernel cotangents for the batch axis fit the size limit."""
+def _fits_per_example(node, i, out, num_samples):
+    """Return whether per-example kernel cotangents for the batch axis fit the size limit."""
     if i != 1 or node.params["batch_group_count"] != 1:
         return False
     batch = out.aval.shape[node.params["dimension_numbers"].out_spec[0]]
     kernel = node.invars[1].aval.size
-    # The number of probes is not known here; 64 covers the common settings.
-    return batch * kernel * 64 <= PER_EXAMPLE_LIMIT
+    return num_samples * batch * kernel <= PER_EXAMPLE_LIMIT
 
 
 def _adds_unit_axes(node) -> bool:
