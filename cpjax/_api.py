@@ -204,7 +204,7 @@ def _make_runner(fun, config: _Config):
         return _run_sweep(fun, config, argnums, args, key)
 
     def run(args, key):
-        if config.estimator == "cp":
+        if config.estimator != "becker_lecun":
             _checks.check_key(config.name, key)
         argnums = _checks.normalize_argnums(config.name, config.argnums, len(args))
         _checks.check_differentiated(config.name, args, argnums)

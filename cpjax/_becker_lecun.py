@@ -143,6 +143,11 @@ def sweep_diagonal(plan, invals, out_cotangents, forward):
         if node.index not in linear:
             continue
         vals, outs, vjp_fn, dep_idx, float_out = linear[node.index]
+        if not callable(vjp_fn):  # a loop, whose rule runs its own backward pass
+            raise CurvatureError(
+                f"becker_lecun_hessian_diag has no rule for primitive '{node.primitive.name}' "
+                f"at {node.where()}. Use cp_hessian_diag, which handles it."
+            )
         float_vars = [v for v, fl in zip(node.outvars, float_out, strict=True) if fl]
         ybar = [grads.pop(v, None) for v in float_vars]
         d_out = [diags.pop(v, None) for v in float_vars]

@@ -39,7 +39,13 @@ def normalize_argnums(name: str, argnums, n_args: int) -> tuple:
                 f"{name}: argnums={argnums!r} refers to argument {i}, but the function was "
                 f"called with {n_args} positional argument(s)."
             )
-    return tuple(int(i) % n_args for i in nums)
+    normalized = tuple(int(i) % n_args for i in nums)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(
+            f"{name}: argnums={argnums!r} names the same argument twice; list each argument "
+            "to differentiate once."
+        )
+    return normalized
 
 
 def check_key(name: str, key) -> None:

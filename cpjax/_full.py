@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from cpjax import _checks
 from cpjax._api import _transform
 
 
@@ -73,6 +74,7 @@ def cp_hessian(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rademache
     factors = cp_hessian_factors(fun, argnums, has_aux, num_samples=num_samples, probe=probe)
 
     def hessian_fn(*args, key=None):
+        _checks.check_key("cp_hessian", key)
         out = factors(*args, key=key)
         (t, u), aux = out if has_aux else (out, None)
         t_flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(t)

@@ -44,6 +44,15 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
         out_signs = tuple(signs.get(v, 0) for v in node.outvars)
         if not any(in_deps) or all(s == 0 for s in out_signs):
             continue
+        if any(_is_complex(v.aval) for v in [*node.invars, *node.outvars]
+               if _analysis.deps_of(deps, v) or v in deps):
+            raise CurvatureError(
+                f"cpjax does not support complex intermediate values yet: primitive "
+                f"'{node.primitive.name}' at {node.where()} has a complex input or output that "
+                "depends on the differentiated arguments. Write the computation with real "
+                "arrays (real and imaginary parts), or use exact_hessian_diag or "
+                "hutchinson_hessian_diag, which handle it."
+            )
         if node.primitive is lax.while_p:
             raise CurvatureError(
                 f"cpjax cannot differentiate through lax.while_loop at {node.where()}: its "
@@ -59,6 +68,10 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
             kinds[node.index] = rule_for(node).curvature(node, info)
     symmetric = allow_symmetric and all(k is not Curvature.INDEFINITE for k in kinds.values())
     return Plan(program, deps, signs, infos, kinds, symmetric)
+
+
+def _is_complex(aval) -> bool:
+    return jnp.issubdtype(getattr(aval, "dtype", jnp.float32), jnp.complexfloating)
 
 
 @dataclasses.dataclass

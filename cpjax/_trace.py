@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.extend.core.primitives as prims
+import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
@@ -66,7 +67,8 @@ class Node:
 
     def where(self) -> str:
         """Return the user's source line of this equation, as `file:line (function)`."""
-        return source_info_util.summarize(self.eqn.source_info)
+        where = source_info_util.summarize(self.eqn.source_info)
+        return where or "an unknown source line (inside a JAX library call)"
 
 
 @dataclasses.dataclass
@@ -202,10 +204,24 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
     """Trace `fun` (taking the unflattened args) to a flat `Program` and its output tree."""
     if isinstance(fun, Composition):
         return fun.trace(flat_args, in_tree)
+    # Python values (strings, ints, callables) stay concrete, as jax.grad keeps them.
+    traced = [i for i, x in enumerate(flat_args) if _is_array(x)]
 
     def flat_fun(*leaves):
-        args = jax.tree_util.tree_unflatten(in_tree, leaves)
-        return fun(*args)
+        merged = list(flat_args)
+        for i, leaf in zip(traced, leaves, strict=True):
+            merged[i] = leaf
+        return fun(*jax.tree_util.tree_unflatten(in_tree, merged))
 
-    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*flat_args)
-    return build_program(closed), out_shape
+    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
+        *[flat_args[i] for i in traced])
+    program = build_program(closed)
+    # Placeholder variables for the concrete leaves keep positions aligned with flat_args.
+    invars = iter(program.invars)
+    program.invars = [next(invars) if _is_array(x) else Var(-1 - i, None)
+                      for i, x in enumerate(flat_args)]
+    return program, out_shape
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))

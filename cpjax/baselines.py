@@ -67,7 +67,8 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
       Array([ 6., 12.], dtype=float32)
     """
     name = "exact_hessian_diag"
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
+            chunk_size < 1):
         raise ValueError(f"{name} requires chunk_size >= 1, got {chunk_size!r}.")
 
     def impl(args, nums, key):
@@ -75,6 +76,8 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
         _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         n = v0.size
+        if n == 0:
+            return _package(argnums, unravel, v0, has_aux, call, v0)
 
         def entry(i):
             return hvp(jnp.zeros_like(v0).at[i].set(1))[i]

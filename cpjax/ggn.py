@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from cpjax import _checks
@@ -59,13 +60,19 @@ def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademache
     for fn, role in ((model_fn, "model_fn"), (loss_fn, "loss_fn")):
         if not callable(fn):
             raise TypeError(f"{name} requires a callable {role}, got {fn!r}.")
-    run, _ = _transform(name, Composition(model_fn, loss_fn), argnums, False, num_samples,
-                        probe, separable)
+    _checks.check_options(name, num_samples, probe)
+    single = isinstance(argnums, (int, np.integer))
+    runs = {}  # normalized argnums -> runner; loss_args travel as one more argument
 
     def ggn_fn(*args, loss_args=(), key=None):
         loss_args = _check_loss_args(name, loss_args)
-        _, _, _, diags = run((*args, loss_args), key)
-        return diags[0] if isinstance(argnums, int) else tuple(diags)
+        nums = _checks.normalize_argnums(name, argnums, len(args))
+        if nums not in runs:
+            runs[nums] = _transform(name, Composition(model_fn, loss_fn),
+                                    nums[0] if single else nums, False, num_samples, probe,
+                                    separable)[0]
+        _, _, _, diags = runs[nums]((*args, loss_args), key)
+        return diags[0] if single else tuple(diags)
 
     return ggn_fn
 
@@ -84,6 +91,10 @@ def exact_ggn_diag(model_fn, loss_fn, argnums=0, *, chunk_size=64):
       Array([1., 4.], dtype=float32)
     """
     name = "exact_ggn_diag"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
+            chunk_size < 1):
+        raise ValueError(f"{name} requires an integer chunk_size >= 1, got {chunk_size!r}.")
+    single = isinstance(argnums, (int, np.integer))
 
     def ggn_fn(*args, loss_args=()):
         loss_args = _check_loss_args(name, loss_args)
@@ -108,8 +119,12 @@ def exact_ggn_diag(model_fn, loss_fn, argnums=0, *, chunk_size=64):
                          strict=True)
             return sum(jnp.vdot(a, b) for a, b in leaves)
 
-        flat = jax.lax.map(entry, jnp.arange(v0.size), batch_size=min(chunk_size, v0.size))
+        if v0.size == 0:
+            flat = v0
+        else:
+            flat = jax.lax.map(entry, jnp.arange(v0.size),
+                               batch_size=min(int(chunk_size), v0.size))
         parts = unravel(flat)
-        return parts[0] if isinstance(argnums, int) else tuple(parts)
+        return parts[0] if single else tuple(parts)
 
     return ggn_fn

@@ -19,10 +19,10 @@ LINEAR = (
     lax.scatter_add_p, lax.scatter_sub_p, lax.dynamic_slice_p, lax.dynamic_update_slice_p,
     lax.convert_element_type_p, lax.copy_p, lax.cumsum_p, lax.squeeze_p, lax.rev_p,
     lax.reduce_precision_p, lax.optimization_barrier_p, lax.sharding_constraint_p,
-    lax.device_put_p, lax.split_p, lax.real_p, lax.imag_p, lax.conj_p, lax.complex_p,
-    lax.reduce_window_sum_p, lax.psum_p, lax.all_gather_p, lax.ppermute_p, lax.all_to_all_p,
+    lax.device_put_p, lax.split_p, lax.reduce_window_sum_p, lax.psum_p, lax.all_gather_p,
+    lax.ppermute_p, lax.all_to_all_p,
     lax.tile_p, lax.stack_p, lax.unstack_p, lax.select_and_scatter_add_p,
-    lax.ragged_all_to_all_p, lax.fft_p,
+    lax.ragged_all_to_all_p,
 )
 
 PIECEWISE_LINEAR = (
