@@ -119,3 +119,48 @@ def test_exact_non_scalar_output():
 def test_exact_invalid_chunk_size():
     with pytest.raises(ValueError, match="requires chunk_size >= 1, got 0"):
         cpjax.exact_hessian_diag(cube_sum, chunk_size=0)
+
+
+def test_complex_intermediate_rejected():
+    x = jnp.array([0.3, -0.7, 0.5])
+    with pytest.raises(cpjax.CurvatureError, match="complex intermediate values"):
+        cpjax.cp_hessian_diag(lambda x: jnp.sum(jnp.real(jnp.exp(1j * x))))(
+            x, key=jax.random.key(0))
+
+
+def test_duplicate_argnums_rejected():
+    x = jnp.array([0.3, -0.7])
+    with pytest.raises(ValueError, match="names the same argument twice"):
+        cpjax.cp_hessian_diag(lambda a, b: jnp.sum(a**3 * b), argnums=(0, 0))(
+            x, x, key=jax.random.key(0))
+
+
+def test_python_arguments_stay_concrete():
+    x = jnp.array([0.3, -0.7])
+
+    def f(x, mode, power):
+        return jnp.sum(x**power) if mode == "power" else jnp.sum(x)
+
+    diag = cpjax.cp_hessian_diag(f)(x, "power", 3, key=jax.random.key(0))
+    assert jnp.allclose(diag, 6 * x)
+
+
+def test_cp_hessian_missing_key():
+    with pytest.raises(TypeError, match="cp_hessian requires a PRNG key"):
+        cpjax.cp_hessian(lambda x: jnp.sum(x**3))(jnp.ones(2))
+
+
+def test_ggn_negative_argnums_model_argument():
+    w, x, y = jnp.ones((3, 2)) / 3, jnp.ones((4, 3)), jnp.zeros((4, 2))
+
+    def model(w, x):
+        return jnp.tanh(x @ w)
+
+    def loss(z, y):
+        return 0.5 * jnp.sum((z - y) ** 2)
+
+    diag = cpjax.cp_ggn_diag(model, loss, argnums=-1)(w, x, loss_args=(y,),
+                                                      key=jax.random.key(0))
+    assert diag.shape == x.shape
+    with pytest.raises(ValueError, match="argnums=2"):
+        cpjax.cp_ggn_diag(model, loss, argnums=2)(w, x, loss_args=(y,), key=jax.random.key(0))
