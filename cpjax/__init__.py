@@ -5,7 +5,7 @@ Martens, Sutskever and Swersky, "Estimating the Hessian by Back-propagating Curv
 (ICML 2012).
 """
 
-from cpjax import score_matching
+from cpjax import optax, score_matching
 from cpjax._api import (
     becker_lecun_hessian_diag,
     cp_hessian_diag,
@@ -30,6 +30,7 @@ __all__ = [
     "exact_ggn_diag",
     "exact_hessian_diag",
     "hutchinson_hessian_diag",
+    "optax",
     "score_matching",
 ]
 

@@ -281,9 +281,9 @@ def cp_hessian_diag_estimator(
     Each update costs one forward pass and one backward sweep carrying the cotangent and
     the CP vectors. With one probe, `benchmarks/optim.py` measured that sweep at about 2.8
     gradient evaluations on its digits MLP and CNN, but at 7 to 10 on its one-block
-    transformer, while a gradient plus a Hessian-vector product cost 1.8 to 3.1 gradient
-    evaluations on all three (2-core x86 CPU, float32). Run inside Sophia, the sweep comes
-    on top of the gradient passed as `updates`. `cp_sophia` with
+    transformer (2-core x86 CPU, float32). A gradient plus a Hessian-vector product cost
+    1.8 to 3.1 gradient evaluations on all three. Run inside Sophia, the sweep comes on top
+    of the gradient passed as `updates`. `cp_sophia` with
     `cp_value_grad_and_hessian_diag_from_state` gets both from one sweep instead.
 
     Args:

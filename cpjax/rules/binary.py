@@ -16,6 +16,7 @@ from cpjax.rules._base import (
     Curvature,
     Rule,
     register,
+    safe_sqrt,
     sign_of_product,
     split_scalar_curvature,
 )
@@ -107,10 +108,15 @@ class BinaryRule(Rule):
     @staticmethod
     def _inject_block(ctx, p, q, r):
         """Inject the per-element block [[p, q], [q, r]] by its eigendecomposition."""
-        theta = 0.5 * jnp.arctan2(2 * q, p - r)
-        c, s = jnp.cos(theta), jnp.sin(theta)
-        lam1 = p * c * c + 2 * q * s * c + r * s * s
-        lam2 = p * s * s - 2 * q * s * c + r * c * c
+        # Closed form without trigonometric functions: λ = (p + r)/2 ± ρ, and the first
+        # eigenvector (c, s) has cos 2θ = ((p − r)/2)/ρ and the sign of q.
+        half_gap = 0.5 * (p - r)
+        rho = safe_sqrt(half_gap * half_gap + q * q)
+        cos_2theta = jnp.where(rho > 0, half_gap / jnp.where(rho > 0, rho, 1), 1)
+        c = safe_sqrt(0.5 * (1 + cos_2theta))
+        s = jnp.where(q >= 0, 1, -1) * safe_sqrt(0.5 * (1 - cos_2theta))
+        mid = 0.5 * (p + r)
+        lam1, lam2 = mid + rho, mid - rho
         w1 = ctx.draw(p.shape, p.dtype, salt=0)
         w2 = ctx.draw(p.shape, p.dtype, salt=1)
         f1, g1 = split_scalar_curvature(lam1, w1)
