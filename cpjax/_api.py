@@ -296,8 +296,8 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       the output: batch statistics, a softmax over the batch or similarities between
       examples switch it off for the parameters they reach. A convolution kernel whose
       spatial positions interact downstream (a flatten into a dense layer) gets per-example
-      kernel cotangents instead, when `K · batch · kernel size` is small enough
-      (`cpjax._separable.PER_EXAMPLE_LIMIT`); a matrix product that also contracts over an
+      kernel cotangents instead, when `K · batch · kernel size` is at most
+      `cpjax._separable.PER_EXAMPLE_LIMIT`. A matrix product that also contracts over an
       axis that is not separable (a sequence axis mixed by attention) keeps the ordinary
       product.
 

@@ -78,10 +78,13 @@ def elementwise_jaxpr(jaxpr) -> bool:
 def _elementwise(in_shape, out_shape):
     if len(in_shape) != len(out_shape):
         return [None] * len(in_shape)
-    return [
-        (0, k) if n == m else (BROADCAST if n == 1 else None)
-        for k, (n, m) in enumerate(zip(in_shape, out_shape, strict=True))
-    ]
+    result = []
+    for k, (n, m) in enumerate(zip(in_shape, out_shape, strict=True)):
+        if n == m:
+            result.append((0, k))
+        else:
+            result.append(BROADCAST if n == 1 else None)
+    return result
 
 
 def _broadcast_in_dim(node, in_shape, out_shape):
@@ -100,7 +103,10 @@ def _reshape(in_shape, out_shape):
     result, prefix = [], 1
     for n in in_shape:
         k = out_prefix.get((prefix, n))
-        result.append((0, k) if k is not None else (BROADCAST if n == 1 else None))
+        if k is not None:
+            result.append((0, k))
+        else:
+            result.append(BROADCAST if n == 1 else None)
         prefix *= n
     return result
 

@@ -61,7 +61,7 @@ def cp_hessian(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rademache
     """Return a function estimating the whole Hessian, shaped like `jax.hessian`'s output.
 
     The estimate is `mean_k (T_k U_kᵀ + U_k T_kᵀ) / 2`: unbiased and symmetric, of rank at
-    most 2K. It forms the n × n matrix, so it is meant for small problems; for large ones use
+    most 2K. It forms the n × n matrix, so it is meant for small problems. For large ones, use
     `cp_hessian_factors` and form only the entries you need.
 
     Example:

@@ -164,8 +164,8 @@ class SeparableLeaves:
         return position in self.by_position
 
     def row_targets(self, node, dep_idx, targets):
-        taken = {site.input_index for site in self.sites.get(node.index, [])}
-        return [k for k in targets if dep_idx[k] not in taken]
+        site_inputs = {site.input_index for site in self.sites.get(node.index, [])}
+        return [k for k in targets if dep_idx[k] not in site_inputs]
 
     def visit(self, node, vals, env, tu, dep_idx):
         if tu[0] is None:
@@ -284,11 +284,11 @@ def _contracted_axes(node, i):
     out_rank = node.outvars[0].aval.ndim
     if node.primitive is lax.broadcast_in_dim_p and i == 0:
         in_shape = node.invars[0].aval.shape
-        kept = {
+        kept_axes = {
             d for n, d in zip(in_shape, node.params["broadcast_dimensions"], strict=True)
             if n == node.outvars[0].aval.shape[d]
         }
-        return [a for a in range(out_rank) if a not in kept]
+        return [a for a in range(out_rank) if a not in kept_axes]
     if node.primitive in _LINEAR_ELEMENTWISE:
         in_shape, out_shape = node.invars[i].aval.shape, node.outvars[0].aval.shape
         if len(in_shape) != len(out_shape):  # a scalar operand

@@ -54,8 +54,8 @@ SPECIAL = {
     prims.while_p: "while_loop: evaluated; an error if its carry is differentiated",
     prims.custom_jvp_call_p: "custom_jvp functions: zero, a named rule, or the generic rule",
 }
-# Complex values that depend on the differentiated arguments raise an error (not supported
-# yet); listed here so that the coverage test knows they are handled on purpose.
+# Complex values that depend on the differentiated arguments raise an error because they are
+# not supported yet. They are listed so that the coverage test counts them as handled.
 COMPLEX = (prims.complex_p, prims.real_p, prims.imag_p, prims.conj_p, prims.fft_p)
 for _primitive in COMPLEX:
     SPECIAL[_primitive] = "complex values: an error when they depend on the arguments"

@@ -1,8 +1,8 @@
 """Elementwise unary primitives: `M = diag(ȳ ⊙ φ''(x))`.
 
 Each entry gives `φ''` in closed form from the input `x`, the output `y` and the
-equation's params, and the sign of `φ''` where it is the same for every input (which lets
-the sweep use `T = U` when every injection is positive semi-definite).
+equation's params. It also gives the sign of `φ''` where that is the same for every input,
+which lets the sweep use `T = U` when every injection is positive semi-definite.
 """
 
 from __future__ import annotations
