@@ -15,9 +15,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -25,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import describe_machine, init_mlp_params, load_average
 from tqdm import tqdm
 
 import cpjax
@@ -48,14 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def init_params(key, sizes):
-    """Draw MLP weights from N(0, 1/fan_in) (LeCun normal) and set the biases to zero."""
-    params = {}
-    keys = jax.random.split(key, len(sizes) - 1)
-    for layer, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
-        params[f"w{layer + 1}"] = jax.random.normal(k, (fan_in, fan_out)) / math.sqrt(fan_in)
-        params[f"b{layer + 1}"] = jnp.zeros(fan_out)
-    return params
 
 
 def make_loss(trace_counts: dict):
@@ -140,16 +130,8 @@ def format_table(times, first_call) -> str:
     return "\n".join(lines)
 
 
-def load_average() -> float:
-    """Return the 1-minute load average (NaN where the OS has none), a sign of competing work."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def describe_machine(load: float) -> str:
-    device = jax.devices()[0]
-    return (f"jax {jax.__version__}, {device.platform} ({device.device_kind}), "
-            f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-            f"1-minute load average {load:.2f} at start")
 
 
 def main(argv=None) -> None:
@@ -162,7 +144,7 @@ def main(argv=None) -> None:
     trace_counts = {"loss": 0}
     params_key, inputs_key, labels_key, probe_key = jax.random.split(jax.random.key(0), 4)
     sizes = (64, args.hidden, args.hidden, 10)
-    params = init_params(params_key, sizes)
+    params = init_mlp_params(params_key, sizes)
     inputs = jax.random.normal(inputs_key, (args.batch, sizes[0]))
     labels = jax.random.randint(labels_key, (args.batch,), 0, sizes[-1])
     call_args = (params, inputs, labels, probe_key)

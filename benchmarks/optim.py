@@ -59,10 +59,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -73,12 +70,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import sklearn
+from _common import describe_machine, describe_source
 from jax import lax
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import cpjax
 import cpjax.optax
+
+OPTAX_VERSION = f"optax {optax.__version__}"
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 METHODS = ("adam", "sophia_h", "cp_sophia", "cp_adahessian", "sophia_cp_estimator")
@@ -611,25 +611,8 @@ def plot(path: Path, tasks: dict, results: dict) -> None:
     plt.close(fig)
 
 
-def describe_machine() -> str:
-    device = jax.devices()[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"jax {jax.__version__}, optax {optax.__version__}, {device.platform} "
-            f"({device.device_kind}), {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, 1-minute load average {load:.2f}")
 
 
-def describe_source() -> str:
-    """Return the git commit of the checkout, marked dirty when cpjax/ has local changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "cpjax"], cwd=root,
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (git not available)"
-    return f"{commit} with uncommitted changes in cpjax/" if changes else commit
 
 
 # ---------------------------------------------------------------------------------------
@@ -700,7 +683,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     command = "python " + shlex.join(sys.argv if argv is None else ["benchmarks/optim.py", *argv])
-    machine_at_start = describe_machine()
+    machine_at_start = describe_machine(extra=OPTAX_VERSION)
     started = time.perf_counter()
 
     def progress(message):
@@ -742,7 +725,8 @@ def main(argv=None) -> None:
                 print(f"| {label} | {ms:.2f} | {ms / baseline:.2f} |")
         print()
     print(f"Machine at start: {machine_at_start}")
-    print(f"Machine at end:   {describe_machine()}")
+    machine_at_end = describe_machine(extra=OPTAX_VERSION)
+    print(f"Machine at end:   {machine_at_end}")
     print(f"cpjax source: {describe_source()}")
     print(f"Total wall time (after Python imports): {wall_time:.1f} s")
 
@@ -750,7 +734,7 @@ def main(argv=None) -> None:
     plot(args.out / "optim.png", tasks, results)
     record = {
         "command": command, "machine_at_start": machine_at_start,
-        "machine_at_end": describe_machine(), "cpjax_source": describe_source(),
+        "machine_at_end": machine_at_end, "cpjax_source": describe_source(),
         "wall_time_s": wall_time, "update_interval": args.update_interval,
         "tasks": {name: {"description": tasks[name].description,
                          "target_loss": tasks[name].target_loss, "num_steps": num_steps,

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import describe_machine, describe_source, init_mlp_params
 from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
@@ -91,14 +89,6 @@ def load_batch(batch: int):
     return jnp.asarray(pixels[order]), jnp.asarray(digits.target[order])
 
 
-def init_params(key, sizes):
-    """Draw MLP weights from N(0, 1/fan_in) (LeCun normal) and set the biases to zero."""
-    params = {}
-    keys = jax.random.split(key, len(sizes) - 1)
-    for layer, (k, fan_in, fan_out) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=True)):
-        params[f"w{layer + 1}"] = jax.random.normal(k, (fan_in, fan_out)) / math.sqrt(fan_in)
-        params[f"b{layer + 1}"] = jnp.zeros(fan_out)
-    return params
 
 
 def mlp_loss(params, inputs, labels):
@@ -178,26 +168,8 @@ def plot_errors(path: Path, probe_counts, mean_errors, title: str) -> None:
     plt.close(fig)
 
 
-def describe_machine() -> str:
-    """Describe the JAX device and the CPU, with the load average that shows competing work."""
-    device = jax.devices()[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"jax {jax.__version__}, {device.platform} ({device.device_kind}), "
-            f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-            f"1-minute load average {load:.2f} at start")
 
 
-def describe_source() -> str:
-    """Return the git commit of the checkout, marked dirty when cpjax/ has local changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "cpjax"], cwd=root,
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (git not available)"
-    return f"{commit} with uncommitted changes in cpjax/" if changes else commit
 
 
 def main(argv=None) -> None:
@@ -210,7 +182,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     inputs, labels = load_batch(args.batch)
-    params = init_params(jax.random.key(0), (inputs.shape[1], args.hidden, 10))
+    params = init_mlp_params(jax.random.key(0), (inputs.shape[1], args.hidden, 10))
     exact_tree = jax.jit(cpjax.exact_hessian_diag(mlp_loss))(params, inputs, labels)
     exact = np.asarray(ravel_pytree(exact_tree)[0])
     if not np.all(np.isfinite(exact)):

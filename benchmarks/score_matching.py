@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
+from _common import describe_machine, describe_source, load_average
 
 from cpjax import score_matching as sm
 
@@ -327,26 +325,8 @@ def plot_filters(path: Path, results, title: str) -> None:
     plt.close(fig)
 
 
-def describe_machine() -> str:
-    """Describe the JAX device and the CPU, with the load average that shows competing work."""
-    device = jax.devices()[0]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"jax {jax.__version__}, {device.platform} ({device.device_kind}), "
-            f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
-            f"1-minute load average {load:.2f} at start")
 
 
-def describe_source() -> str:
-    """Return the git commit of the checkout, marked dirty when cpjax/ has local changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "cpjax"], cwd=root,
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (git not available)"
-    return f"{commit} with uncommitted changes in cpjax/" if changes else commit
 
 
 def run_patch_size(patch_size, num_test, args, log):
@@ -405,7 +385,7 @@ def main(argv=None) -> None:
         step_times[dim], results[dim], spreads[dim] = run_patch_size(patch_size, num_test,
                                                                      args, log)
     wall_time = time.perf_counter() - started
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_end = load_average()
 
     width = args.width or "d"
     setup = (f"{args.model} energy, width {width}, Adam lr {args.learning_rate}, batch "
