@@ -13,11 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from cpjax import _checks
 from cpjax._api import _transform
 from cpjax._trace import Composition
+from cpjax.baselines import _flat_objective
 
 
 def _check_loss_args(name, loss_args):
@@ -100,15 +100,8 @@ def exact_ggn_diag(model_fn, loss_fn, argnums=0, *, chunk_size=64):
         loss_args = _check_loss_args(name, loss_args)
         nums = _checks.normalize_argnums(name, argnums, len(args))
         _checks.check_differentiated(name, args, nums)
-        diff = tuple(args[i] for i in nums)
-        v0, unravel = ravel_pytree(diff)
-
-        def model_of(v):
-            new_args = list(args)
-            for i, part in zip(nums, unravel(v), strict=True):
-                new_args[i] = part
-            return model_fn(*new_args)
-
+        # The model as a function of the raveled differentiated arguments.
+        model_of, v0, unravel, _ = _flat_objective(model_fn, args, nums, has_aux=False)
         z = model_of(v0)
         loss_grad = jax.grad(lambda z: loss_fn(z, *loss_args))
 
