@@ -175,6 +175,7 @@ class _SweepState:
     num_samples: int
     probe: str
     separable: object
+    node_key: object  # (key, node) -> the key of the node's probes
 
     @property
     def n_rows(self):
@@ -182,7 +183,7 @@ class _SweepState:
 
 
 def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: int,
-          probe: str, separable=None, out_rows=None) -> SweepResult:
+          probe: str, separable=None, out_rows=None, node_key=None) -> SweepResult:
     """Run the forward pass and the fused backward sweep.
 
     Args:
@@ -196,10 +197,12 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
         some leaves (see there); None for the plain estimator.
       out_rows: T (and U) rows arriving at each program output, None where zero (used when
         the program is the body of a loop).
+      node_key: optional `(key, node) -> key` for each equation's probes; by default
+        `fold_in(key, node.index)`. The body of a shard_map also folds in device indices.
     """
     env, read, linear = forward(plan, invals)
     state = _SweepState(plan, env, _Accumulator(), _Accumulator(), key, num_samples, probe,
-                        separable)
+                        separable, node_key or _fold_node_index)
     out_rows = out_rows or [None] * len(out_cotangents)
     for v, ct, r in zip(plan.program.outvars, out_cotangents, out_rows, strict=True):
         if v in plan.deps:
@@ -213,6 +216,10 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
         grads=[state.grads.get(v) for v in plan.program.invars],
         rows=[state.rows.get(v) for v in plan.program.invars],
     )
+
+
+def _fold_node_index(key, node):
+    return jax.random.fold_in(key, node.index)
 
 
 def _visit(state: _SweepState, node, linearized):
@@ -230,7 +237,7 @@ def _visit(state: _SweepState, node, linearized):
     ctx = Context(
         node=node, info=state.plan.infos[node.index], invals=vals, outvals=outs,
         ybar=_ybar_per_output(node, float_out, ybar),
-        key=jax.random.fold_in(state.key, node.index), num_samples=state.num_samples,
+        key=state.node_key(state.key, node), num_samples=state.num_samples,
         probe=state.probe, symmetric=state.plan.symmetric,
     )
     if isinstance(rule, StructuredRule):

@@ -14,7 +14,12 @@ from cpjax._api import jit_per_shape
 def _flat_objective(fun, args, argnums, has_aux):
     """Return `(f(v) -> scalar, v0, unravel, aux_fn)` over the raveled differentiated args."""
     diff = tuple(args[i] for i in argnums)
-    v0, unravel = ravel_pytree(diff)
+    v0, unravel_flat = ravel_pytree(diff)
+    v0 = _replicated(v0)
+    shardings = jax.tree_util.tree_map(lambda a: jax.typeof(a).sharding, diff)
+
+    def unravel(v):
+        return jax.tree_util.tree_map(_reshard_like, unravel_flat(v), shardings)
 
     def call(v):
         new_args = list(args)
@@ -27,6 +32,30 @@ def _flat_objective(fun, args, argnums, has_aux):
         return call(v)[0]
 
     return f, v0, unravel, call
+
+
+def _replicated(v):
+    """Gather a vector sharded over an explicit mesh axis onto every device.
+
+    The baselines index single coordinates of the raveled arguments, which JAX rejects on
+    an explicitly sharded vector without naming an output sharding.
+    """
+    sharding = getattr(jax.typeof(v), "sharding", None)
+    if _is_explicitly_sharded(sharding):
+        return jax.sharding.reshard(
+            v, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return v
+
+
+def _reshard_like(leaf, sharding):
+    """Give an unraveled leaf back the explicit sharding its argument had."""
+    if _is_explicitly_sharded(sharding):
+        return jax.sharding.reshard(leaf, sharding)
+    return leaf
+
+
+def _is_explicitly_sharded(sharding) -> bool:
+    return any(s is not None for s in getattr(sharding, "spec", ()))
 
 
 def _hvp(f, v0):

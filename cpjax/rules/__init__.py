@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+from jax._src.shard_map import shard_map_p
 from jax.extend.core import primitives as prims
 
-from cpjax.rules import bilinear, binary, composite, elementwise, zero  # noqa: F401
+from cpjax.rules import bilinear, binary, composite, elementwise, sharding, zero  # noqa: F401
 from cpjax.rules._base import (
     COMPOSITE_RULES,
     RULES,
@@ -43,6 +44,8 @@ def rule_for(node) -> Rule:
         from cpjax.rules.scan import SCAN
 
         return SCAN
+    if node.primitive is shard_map_p:
+        return sharding.SHARD_MAP
     return RULES.get(node.primitive, FALLBACK)
 
 
@@ -53,6 +56,7 @@ SPECIAL = {
     prims.scan_p: "scan, fori_loop with static bounds: a reverse scan carrying ȳ, T and U",
     prims.while_p: "while_loop: evaluated; an error if its carry is differentiated",
     prims.custom_jvp_call_p: "custom_jvp functions: zero, a named rule, or the generic rule",
+    shard_map_p: "shard_map: the body is swept on each device inside a shard_map",
 }
 # Complex values that depend on the differentiated arguments raise an error because they are
 # not supported yet. They are listed so that the coverage test counts them as handled.
@@ -71,7 +75,7 @@ def supported_primitives() -> dict:
     from cpjax.rules.fallback import FALLBACK_PRIMITIVES
 
     families = {
-        "zero curvature (linear)": zero.LINEAR,
+        "zero curvature (linear)": zero.LINEAR + sharding.COLLECTIVES,
         "zero curvature (piecewise linear)": zero.PIECEWISE_LINEAR,
         "zero derivative": zero.ZERO_DERIVATIVE,
         "elementwise, closed-form second derivative": tuple(elementwise.SECOND_DERIVATIVES),

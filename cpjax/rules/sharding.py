@@ -1,0 +1,114 @@
+"""shard_map: the body's curvature, formed on each device by a sweep inside a shard_map.
+
+The linear part of a shard_map equation comes from JAX's VJP of the whole equation. Its
+local curvature is the CP estimate of the body: the body is swept on every device (forward
+and backward, with the equation's output cotangents and T = U = 0 at its outputs) inside a
+shard_map over the same mesh, and the rows it injects at the body's inputs are assembled
+with the inputs' own partition specs, with the probe axis in front and unsharded.
+
+Probes. An equation in the body stands for one equation per device where its output differs
+between devices, and for a single equation where the output is the same on all of them
+(after a `psum`, say). With `check_vma=True`, JAX records the mesh axes along which each
+value varies. The sweep folds the device's index along those axes, and only those, into the
+equation's key. Shared values thus get shared probes and per-device values independent ones, which
+keeps the estimate unbiased. Because the draws depend on the device layout, an estimate
+whose curvature comes from per-device equations differs from the one-device estimate for
+the same key (it agrees in mean); where all curvature comes from shared values, it is equal.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src import core as jax_core
+from jax._src.lax import parallel
+from jax.extend import core as jcore
+from jax.sharding import PartitionSpec
+
+from cpjax._errors import CurvatureError
+from cpjax.rules._base import Curvature, Rule, register
+
+# Collectives and device-type casts are linear: no curvature of their own.
+COLLECTIVES = (
+    parallel.psum_invariant_p, parallel.all_gather_invariant_p, parallel.reduce_scatter_p,
+    parallel.pbroadcast_p, jax_core.pvary_p,
+)
+register(Rule(), *COLLECTIVES)
+
+
+def _body_plan(node, info, symmetric_allowed):
+    from cpjax._sweep import make_plan
+    from cpjax._trace import build_program
+
+    program = build_program(jcore.ClosedJaxpr(node.params["jaxpr"], ()))
+    return make_plan(program, list(info.deps), list(info.out_signs), prune=info.prune,
+                     allow_symmetric=symmetric_allowed)
+
+
+def varying_axes(aval) -> frozenset:
+    """Return the mesh axes over which a value inside a shard_map differs between devices."""
+    manual_type = getattr(aval, "mat", None)
+    return frozenset(getattr(manual_type, "varying", ()))
+
+
+def device_key(key, node):
+    """Return the key of a body equation: its index, then the device's index per varying axis."""
+    key = jax.random.fold_in(key, node.index)
+    axes = frozenset().union(*(varying_axes(v.aval) for v in node.outvars))
+    for axis in sorted(axes, key=str):
+        key = jax.random.fold_in(key, lax.axis_index(axis))
+    return key
+
+
+class ShardMapRule(Rule):
+    def curvature(self, node, info):
+        if not node.params.get("check_vma", True):
+            raise CurvatureError(
+                f"cpjax needs to know which values inside the shard_map at {node.where()} "
+                "differ between devices, and that shard_map was called with "
+                "check_vma=False. Call jax.shard_map with check_vma=True (the default)."
+            )
+        if not any(info.deps) or all(s == 0 for s in info.out_signs):
+            return Curvature.NONE
+        kinds = set(_body_plan(node, info, True).kinds.values())
+        if Curvature.INDEFINITE in kinds:
+            return Curvature.INDEFINITE
+        return Curvature.PSD if Curvature.PSD in kinds else Curvature.NONE
+
+    def inject(self, ctx):
+        from cpjax._sweep import sweep
+
+        node, params = ctx.node, ctx.node.params
+        plan = _body_plan(node, ctx.info, ctx.symmetric)
+        dep = [i for i, d in enumerate(ctx.info.deps) if d]
+        ybar = [jnp.zeros_like(o) if y is None else y
+                for o, y in zip(ctx.outvals, ctx.ybar, strict=True)]
+        n_rows = ctx.num_samples if ctx.symmetric else 2 * ctx.num_samples
+
+        def body(operands, ybar, key):
+            result = sweep(plan, list(operands), list(ybar), key, num_samples=ctx.num_samples,
+                           probe=ctx.probe, node_key=device_key)
+            rows = []
+            for i in dep:
+                r = result.rows[i]
+                if r is None:
+                    r = jnp.zeros((n_rows, *operands[i].shape), operands[i].dtype)
+                rows.append(r)
+            return rows
+
+        in_specs = tuple(params["in_specs"])
+        row_specs = [PartitionSpec(None, *in_specs[i]) for i in dep]
+        rows = jax.shard_map(
+            body, mesh=params["mesh"], in_specs=(in_specs, tuple(params["out_specs"]),
+                                                 PartitionSpec()),
+            out_specs=row_specs, axis_names=params["manual_axes"]
+            if "manual_axes" in params else params["newly_manual_axes"], check_vma=True,
+        )(tuple(ctx.invals), tuple(ybar), ctx.key)
+        k = ctx.num_samples
+        if ctx.symmetric:
+            return [(i, r, None) for i, r in zip(dep, rows, strict=True)]
+        return [(i, r[:k], r[k:]) for i, r in zip(dep, rows, strict=True)]
+
+
+SHARD_MAP = ShardMapRule()
