@@ -30,6 +30,8 @@ class _Config:
     # "cp": diagonal; "cp_factors": the T and U rows themselves, every cross block kept;
     # "becker_lecun": the deterministic diagonal.
     estimator: str = "cp"
+    # Probes per sweep when the diagonal is formed in chunks; None: all K in one sweep.
+    sample_chunk_size: int | None = None
 
 
 def _is_dynamic(leaf) -> bool:
@@ -160,6 +162,9 @@ def _split_rows(rows, like, num_samples, symmetric):
 
 
 def _curvature_propagation(plan, flat, out_cts, key, config, positions):
+    chunk = config.sample_chunk_size
+    if config.estimator == "cp" and chunk is not None and chunk < config.num_samples:
+        return _chunked_diagonal(plan, flat, out_cts, key, config, positions)
     separable = None
     if config.separable:
         separable = SeparableLeaves.build(plan, positions, config.num_samples)
@@ -179,6 +184,42 @@ def _curvature_propagation(plan, flat, out_cts, key, config, positions):
         else:
             diags.append(_sweep.diagonal_from_rows(rows, config.num_samples, plan.symmetric))
     return result.outvals, result.grads, diags
+
+
+def _chunked_diagonal(plan, flat, out_cts, key, config, positions):
+    """Average the diagonal over chunks of `sample_chunk_size` probes, one sweep per chunk.
+
+    The first chunk also gives the value and the gradient. The other full chunks run in a
+    `lax.scan` that keeps only the running sum, so memory is that of one chunk. A last,
+    smaller chunk covers the remainder. Chunk `i` draws its probes from `fold_in(key, i)`,
+    so the estimate differs from the one-sweep estimate for the same key but has the same
+    distribution.
+    """
+    size, total = config.sample_chunk_size, config.num_samples
+    n_full, remainder = divmod(total, size)
+
+    def one_chunk(index, num_samples):
+        chunk_config = dataclasses.replace(config, num_samples=num_samples,
+                                           sample_chunk_size=None)
+        return _curvature_propagation(plan, flat, out_cts, jax.random.fold_in(key, index),
+                                      chunk_config, positions)
+
+    def weighted(diags, num_samples):
+        return [None if d is None else d * (num_samples / total) for d in diags]
+
+    outvals, grads, diags = one_chunk(0, size)
+    diags = weighted(diags, size)
+
+    def body(acc, index):
+        step = weighted(one_chunk(index, size)[2], size)
+        return [a if d is None else a + d for a, d in zip(acc, step, strict=True)], None
+
+    if n_full > 1:
+        diags, _ = jax.lax.scan(body, diags, jnp.arange(1, n_full))
+    if remainder:
+        rest = weighted(one_chunk(n_full, remainder)[2], remainder)
+        diags = [a if d is None else a + d for a, d in zip(diags, rest, strict=True)]
+    return outvals, grads, diags
 
 
 def _becker_lecun(plan, flat, out_cts):
@@ -225,17 +266,19 @@ def _pack(config, argnums_in, value, aux, grads, diags):
     return ((value, aux) if config.has_aux else value), grads, diags
 
 
-def _transform(name, fun, argnums, has_aux, num_samples, probe, separable, estimator="cp"):
+def _transform(name, fun, argnums, has_aux, num_samples, probe, separable, estimator="cp",
+               sample_chunk_size=None):
     _checks.check_options(name, num_samples, probe)
+    _checks.check_chunk_size(name, sample_chunk_size)
     if not callable(fun):
         raise TypeError(f"{name} requires a callable as its first argument, got {fun!r}.")
     config = _Config(name, argnums, bool(has_aux), int(num_samples), probe, bool(separable),
-                     estimator)
+                     estimator, sample_chunk_size and int(sample_chunk_size))
     return _make_runner(fun, config), config
 
 
 def cp_value_grad_and_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1,
-                                   probe="rademacher", separable=True):
+                                   probe="rademacher", separable=True, sample_chunk_size=None):
     """Return a function giving the value, the gradient and a CP estimate of the Hessian diagonal.
 
     All three come from one forward pass and one fused backward sweep that carries the
@@ -251,6 +294,10 @@ def cp_value_grad_and_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples
       probe: "rademacher" (the default, never worse than Gaussian) or "gaussian".
       separable: use the separable-axis form of the estimate at parameters that contract
         over independent examples (see `cp_hessian_diag`).
+      sample_chunk_size: carry at most this many probes in one sweep. With fewer than
+        `num_samples`, the diagonal is averaged over chunks swept one after another, which
+        bounds memory by one chunk's rows at the cost of more sequential work (default
+        None: all probes in one sweep).
 
     Returns:
       `fn(*args, key)` returning `(value, grad, diag)`, with `value` replaced by
@@ -266,7 +313,8 @@ def cp_value_grad_and_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples
       True
     """
     run, config = _transform("cp_value_grad_and_hessian_diag", fun, argnums, has_aux,
-                             num_samples, probe, separable)
+                             num_samples, probe, separable,
+                             sample_chunk_size=sample_chunk_size)
 
     def value_grad_and_diag(*args, key=None):
         return _pack(config, argnums, *run(args, key))
@@ -275,7 +323,7 @@ def cp_value_grad_and_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples
 
 
 def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rademacher",
-                    separable=True):
+                    separable=True, sample_chunk_size=None):
     """Return a function estimating the Hessian diagonal of `fun` by Curvature Propagation.
 
     The estimate is unbiased: its mean over probes is `diag(∇²fun)`. The cost is one
@@ -308,6 +356,10 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       num_samples: K, the number of probes averaged in one sweep.
       probe: "rademacher" or "gaussian".
       separable: use the separable-axis form where it applies (default True).
+      sample_chunk_size: carry at most this many probes in one sweep. With fewer than
+        `num_samples`, the diagonal is averaged over chunks swept one after another, which
+        bounds memory by one chunk's rows at the cost of more sequential work (default
+        None: all probes in one sweep).
 
     Returns:
       `diag_fn(*args, key)`, where `key` is a required keyword-only PRNG key. The result
@@ -321,7 +373,7 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       Array([ 6., 12.], dtype=float32)
     """
     run, config = _transform("cp_hessian_diag", fun, argnums, has_aux, num_samples, probe,
-                             separable)
+                             separable, sample_chunk_size=sample_chunk_size)
 
     def diag_fn(*args, key=None):
         value, aux, _, diags = run(args, key)

@@ -25,6 +25,18 @@ def check_options(name: str, num_samples, probe) -> None:
         raise ValueError(f"{name} got an unknown probe {probe!r}; expected one of {expected}.")
 
 
+def check_chunk_size(name: str, sample_chunk_size) -> None:
+    if sample_chunk_size is None:
+        return
+    if isinstance(sample_chunk_size, bool) or not isinstance(
+            sample_chunk_size, (int, np.integer)) or sample_chunk_size < 1:
+        raise ValueError(
+            f"{name} requires sample_chunk_size to be None or an integer >= 1, got "
+            f"{sample_chunk_size!r}. It is the number of probes carried in one sweep; "
+            "None carries all num_samples at once."
+        )
+
+
 def normalize_argnums(name: str, argnums, n_args: int) -> tuple:
     """Return argnums as a tuple of non-negative ints, checked against the call."""
     single = isinstance(argnums, (int, np.integer))

@@ -30,7 +30,7 @@ def _check_loss_args(name, loss_args):
 
 
 def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademacher",
-                separable=True):
+                separable=True, sample_chunk_size=None):
     """Return a function estimating the Gauss-Newton diagonal of `loss_fn(model_fn(...))`.
 
     Args:
@@ -40,6 +40,8 @@ def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademache
       num_samples: K, the number of probes averaged in one sweep.
       probe: "rademacher" or "gaussian".
       separable: use the separable-axis form where the batch axis allows (see
+        `cp_hessian_diag`).
+      sample_chunk_size: carry at most this many probes in one sweep (see
         `cp_hessian_diag`).
 
     Returns:
@@ -61,6 +63,7 @@ def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademache
         if not callable(fn):
             raise TypeError(f"{name} requires a callable {role}, got {fn!r}.")
     _checks.check_options(name, num_samples, probe)
+    _checks.check_chunk_size(name, sample_chunk_size)
     single = isinstance(argnums, (int, np.integer))
     runs = {}  # normalized argnums -> runner; loss_args travel as one more argument
 
@@ -70,7 +73,7 @@ def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademache
         if nums not in runs:
             runs[nums] = _transform(name, Composition(model_fn, loss_fn),
                                     nums[0] if single else nums, False, num_samples, probe,
-                                    separable)[0]
+                                    separable, sample_chunk_size=sample_chunk_size)[0]
         _, _, _, diags = runs[nums]((*args, loss_args), key)
         return diags[0] if single else tuple(diags)
 
