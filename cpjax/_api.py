@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpjax import _becker_lecun as _becker_lecun_sweep
-from cpjax import _checks, _sweep
+from cpjax import _checks, _probes, _sweep
 from cpjax._separable import SeparableLeaves
 from cpjax._trace import trace_program
 
@@ -191,7 +191,7 @@ def _chunked_diagonal(plan, flat, out_cts, key, config, positions):
 
     The first chunk also gives the value and the gradient. The other full chunks run in a
     `lax.scan` that keeps only the running sum, so memory is that of one chunk. A last,
-    smaller chunk covers the remainder. Chunk `i` draws its probes from `fold_in(key, i)`,
+    smaller chunk covers the remainder. Chunk `i` draws its probes from `_probes.fold(key, i)`,
     so the estimate differs from the one-sweep estimate for the same key but has the same
     distribution.
     """
@@ -201,7 +201,7 @@ def _chunked_diagonal(plan, flat, out_cts, key, config, positions):
     def one_chunk(index, num_samples):
         chunk_config = dataclasses.replace(config, num_samples=num_samples,
                                            sample_chunk_size=None)
-        return _curvature_propagation(plan, flat, out_cts, jax.random.fold_in(key, index),
+        return _curvature_propagation(plan, flat, out_cts, _probes.fold(key, index),
                                       chunk_config, positions)
 
     def weighted(diags, num_samples):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpjax import _analysis
+from cpjax import _analysis, _probes
 from cpjax._errors import CurvatureError
 from cpjax._trace import Program, Var, bind_node
 from cpjax.rules import Context, Curvature, StaticInfo, StructuredRule, rule_for
@@ -190,7 +190,7 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
       plan: from `make_plan`.
       invals: values of the program's inputs.
       out_cotangents: ȳ for each program output, None where zero.
-      key: PRNG key; each equation draws its probes from `fold_in(key, node.index)`.
+      key: PRNG key; each equation draws its probes from `_probes.fold(key, node.index)`.
       num_samples: K, the number of probes carried at once.
       probe: "rademacher" or "gaussian".
       separable: optional `cpjax._separable.SeparableLeaves` that takes over the diagonal of
@@ -198,7 +198,7 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
       out_rows: T (and U) rows arriving at each program output, None where zero (used when
         the program is the body of a loop).
       node_key: optional `(key, node) -> key` for each equation's probes; by default
-        `fold_in(key, node.index)`. The body of a shard_map also folds in device indices.
+        `_probes.fold(key, node.index)`. The body of a shard_map also folds in device indices.
     """
     env, read, linear = forward(plan, invals)
     state = _SweepState(plan, env, _Accumulator(), _Accumulator(), key, num_samples, probe,
@@ -219,7 +219,7 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
 
 
 def _fold_node_index(key, node):
-    return jax.random.fold_in(key, node.index)
+    return _probes.fold(key, node.index)
 
 
 def _visit(state: _SweepState, node, linearized):

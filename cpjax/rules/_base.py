@@ -18,7 +18,6 @@ import dataclasses
 import enum
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from cpjax import _probes
@@ -73,7 +72,7 @@ class Context:
 
     def draw(self, shape, dtype, salt: int = 0):
         """Draw `num_samples` probes of `shape`, independent for each `salt`."""
-        key = jax.random.fold_in(self.key, salt)
+        key = _probes.fold(self.key, salt)
         return _probes.draw(key, (self.num_samples, *shape), dtype, self.probe)
 
 

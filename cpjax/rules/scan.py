@@ -3,7 +3,7 @@
 The forward pass runs the loop once, storing the carry that enters each step. The backward
 pass is a scan in the opposite direction. Its state is the cotangent, T and U of the carry,
 with running sums for the loop's constants. At each step the same interpreter sweeps the
-body with fresh probes drawn from `fold_in(key, step)`, so the curvature injected at step
+body with fresh probes drawn from `_probes.fold(key, step)`, so the curvature injected at step
 t travels back through steps t-1, ..., 0. Each step recomputes its body's
 forward pass from the stored carry, as `jax.checkpoint` would.
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from cpjax import _probes
 from cpjax.rules._base import Curvature, StructuredRule
 
 
@@ -145,7 +145,7 @@ class ScanRule(StructuredRule):
     def _sweep_body(ctx, plan, invals, out_g, out_r, t):
         from cpjax._sweep import sweep
 
-        return sweep(plan, invals, out_g, jax.random.fold_in(ctx.key, t),
+        return sweep(plan, invals, out_g, _probes.fold(ctx.key, t),
                      num_samples=ctx.num_samples, probe=ctx.probe, out_rows=out_r)
 
 

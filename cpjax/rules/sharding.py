@@ -26,6 +26,7 @@ from jax._src.lax import parallel
 from jax.extend import core as jcore
 from jax.sharding import PartitionSpec
 
+from cpjax import _probes
 from cpjax._errors import CurvatureError
 from cpjax.rules._base import Curvature, Rule, register
 
@@ -54,10 +55,10 @@ def varying_axes(aval) -> frozenset:
 
 def device_key(key, node):
     """Return the key of a body equation: its index, then the device's index per varying axis."""
-    key = jax.random.fold_in(key, node.index)
+    key = _probes.fold(key, node.index)
     axes = frozenset().union(*(varying_axes(v.aval) for v in node.outvars))
     for axis in sorted(axes, key=str):
-        key = jax.random.fold_in(key, lax.axis_index(axis))
+        key = _probes.fold(key, lax.axis_index(axis))
     return key
 
 

@@ -1,0 +1,78 @@
+"""The probe generator: ±1 entries with zero mean and identity covariance, keyed like JAX."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpjax import _probes
+
+Z = 6.0  # every statistic below must lie within six standard errors of its target
+
+
+def signs(key, shape=(4096, 64)):
+    return np.asarray(_probes.draw(key, shape, jnp.float32, "rademacher"))
+
+
+def test_rademacher_entries_are_signs():
+    v = signs(jax.random.key(0))
+    assert set(np.unique(v)) == {-1.0, 1.0}
+
+
+def test_rademacher_mean_zero_per_coordinate():
+    v = signs(jax.random.key(1))
+    # Each coordinate's mean over 4096 draws has standard error 1 / 64.
+    assert np.max(np.abs(v.mean(axis=0))) < Z / np.sqrt(v.shape[0])
+
+
+def test_rademacher_identity_covariance():
+    v = signs(jax.random.key(2))
+    covariance = v.T @ v / v.shape[0]
+    off_diagonal = covariance[~np.eye(v.shape[1], dtype=bool)]
+    np.testing.assert_array_equal(np.diagonal(covariance), 1.0)
+    assert np.max(np.abs(off_diagonal)) < Z / np.sqrt(v.shape[0])
+
+
+def test_folded_keys_uncorrelated():
+    """Probes of neighbouring equations (fold by 0, 1, ...) do not repeat or correlate."""
+    key = jax.random.key(3)
+    draws = np.stack([signs(_probes.fold(key, i), (4096,)) for i in range(16)])
+    correlation = draws @ draws.T / draws.shape[1]
+    off_diagonal = correlation[~np.eye(16, dtype=bool)]
+    assert np.max(np.abs(off_diagonal)) < Z / np.sqrt(draws.shape[1])
+
+
+def test_split_keys_uncorrelated():
+    keys = jax.random.split(jax.random.key(4), 16)
+    draws = np.stack([signs(k, (4096,)) for k in keys])
+    correlation = draws @ draws.T / draws.shape[1]
+    off_diagonal = correlation[~np.eye(16, dtype=bool)]
+    assert np.max(np.abs(off_diagonal)) < Z / np.sqrt(draws.shape[1])
+
+
+def test_same_key_same_probes():
+    key = _probes.fold(jax.random.key(5), 7)
+    np.testing.assert_array_equal(signs(key), signs(key))
+
+
+def test_fold_traced_and_vmapped_matches_eager():
+    key = jax.random.key(6)
+    eager = jnp.stack([jax.random.key_data(_probes.fold(key, i)) for i in range(4)])
+    vmapped = jax.vmap(lambda i: jax.random.key_data(_probes.fold(key, i)))(jnp.arange(4))
+    np.testing.assert_array_equal(vmapped, eager)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_key_implementations_supported(impl):
+    key = jax.random.key(7, impl=impl)
+    v = signs(_probes.fold(key, 1), (4096,))
+    assert abs(v.mean()) < Z / np.sqrt(v.size)
+    assert jax.random.key_impl(_probes.fold(key, 1)) == jax.random.key_impl(key)
+
+
+def test_gaussian_moments():
+    v = np.asarray(_probes.draw(jax.random.key(8), (20000,), jnp.float64, "gaussian"))
+    assert abs(v.mean()) < Z / np.sqrt(v.size)
+    assert abs(v.var() - 1.0) < Z * np.sqrt(2.0 / v.size)
