@@ -14,7 +14,7 @@ from cpjax._api import (
 from cpjax._errors import CurvatureError
 from cpjax._full import cp_hessian, cp_hessian_factors, cp_hessian_trace
 from cpjax.baselines import exact_hessian_diag, hutchinson_hessian_diag
-from cpjax.ggn import cp_ggn_diag, exact_ggn_diag
+from cpjax.ggn import cp_ggn_diag, cp_value_grad_and_ggn_diag, exact_ggn_diag
 from cpjax.rules import FallbackWarning
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "becker_lecun_hessian_diag",
     "FallbackWarning",
     "cp_ggn_diag",
+    "cp_value_grad_and_ggn_diag",
     "cp_hessian",
     "cp_hessian_diag",
     "cp_hessian_factors",

@@ -58,7 +58,54 @@ def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademache
       >>> d.shape
       (3, 2)
     """
-    name = "cp_ggn_diag"
+    run = _ggn_runner("cp_ggn_diag", model_fn, loss_fn, argnums, num_samples, probe,
+                      separable, sample_chunk_size)
+
+    def ggn_fn(*args, loss_args=(), key=None):
+        return run(args, loss_args, key)[2]
+
+    return ggn_fn
+
+
+def cp_value_grad_and_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1,
+                               probe="rademacher", separable=True, sample_chunk_size=None):
+    """Return a function giving the loss, its gradient and a CP estimate of the GGN diagonal.
+
+    All three come from one forward pass and one backward sweep. Because only the loss
+    injects curvature, the sweep carries the cotangent and `num_samples` linear rows; for a
+    convex loss (softmax cross-entropy, squared error) one vector per probe (T = U).
+
+    Args:
+      model_fn, loss_fn, argnums, num_samples, probe, separable, sample_chunk_size: as in
+        `cp_ggn_diag`.
+
+    Returns:
+      `fn(*args, loss_args=(), key)` returning `(value, grad, diag)`, where `value` is
+      `loss_fn(model_fn(*args), *loss_args)` and `grad` and `diag` have the structure of
+      `args[argnums]` (a tuple of such for a tuple `argnums`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, cpjax
+      >>> model = lambda w, x: x @ w
+      >>> loss = lambda z, y: 0.5 * jnp.sum((z - y) ** 2)
+      >>> x, y = jnp.array([[1.0, 2.0]]), jnp.zeros(1)
+      >>> value, grad, diag = cpjax.cp_value_grad_and_ggn_diag(model, loss)(
+      ...     jnp.ones(2), x, loss_args=(y,), key=jax.random.key(0))
+      >>> diag  # x², exact here because the loss has a single output
+      Array([1., 4.], dtype=float32)
+    """
+    run = _ggn_runner("cp_value_grad_and_ggn_diag", model_fn, loss_fn, argnums, num_samples,
+                      probe, separable, sample_chunk_size)
+
+    def value_grad_and_diag(*args, loss_args=(), key=None):
+        return run(args, loss_args, key)
+
+    return value_grad_and_diag
+
+
+def _ggn_runner(name, model_fn, loss_fn, argnums, num_samples, probe, separable,
+                sample_chunk_size):
+    """Return `run(args, loss_args, key) -> (value, grad, diag)` of the composition."""
     for fn, role in ((model_fn, "model_fn"), (loss_fn, "loss_fn")):
         if not callable(fn):
             raise TypeError(f"{name} requires a callable {role}, got {fn!r}.")
@@ -67,17 +114,19 @@ def cp_ggn_diag(model_fn, loss_fn, argnums=0, *, num_samples=1, probe="rademache
     single = isinstance(argnums, (int, np.integer))
     runs = {}  # normalized argnums -> runner; loss_args travel as one more argument
 
-    def ggn_fn(*args, loss_args=(), key=None):
+    def run(args, loss_args, key):
         loss_args = _check_loss_args(name, loss_args)
         nums = _checks.normalize_argnums(name, argnums, len(args))
         if nums not in runs:
             runs[nums] = _transform(name, Composition(model_fn, loss_fn),
                                     nums[0] if single else nums, False, num_samples, probe,
                                     separable, sample_chunk_size=sample_chunk_size)[0]
-        _, _, _, diags = runs[nums]((*args, loss_args), key)
-        return diags[0] if single else tuple(diags)
+        value, _, grads, diags = runs[nums]((*args, loss_args), key)
+        if single:
+            return value, grads[0], diags[0]
+        return value, tuple(grads), tuple(diags)
 
-    return ggn_fn
+    return run
 
 
 def exact_ggn_diag(model_fn, loss_fn, argnums=0, *, chunk_size=64):

@@ -19,6 +19,8 @@ call needs one of two extra keyword arguments:
   `cp_value_grad_and_hessian_diag_from_state` computes the loss, the gradient and the
   diagonal in one forward pass and one fused backward sweep, so the gradient is not paid
   twice. On the other updates it computes the loss and the gradient only.
+  `cp_value_grad_and_ggn_diag_from_state` does the same with the Gauss-Newton diagonal,
+  for a loss split into a model and a loss of its output.
 
 Probe keys are carried in the optimizer state. Every update splits the state's key, and
 the estimate of that update (when one is due) uses the second half, so both ways of
@@ -38,6 +40,7 @@ from jax import lax
 
 from cpjax import _checks
 from cpjax._api import cp_hessian_diag, cp_value_grad_and_hessian_diag
+from cpjax.ggn import cp_value_grad_and_ggn_diag
 
 __all__ = [
     "CPHessianDiagEstimatorState",
@@ -46,6 +49,7 @@ __all__ = [
     "cp_adahessian",
     "cp_hessian_diag_estimator",
     "cp_sophia",
+    "cp_value_grad_and_ggn_diag_from_state",
     "cp_value_grad_and_hessian_diag_from_state",
     "scale_by_cp_adahessian",
     "scale_by_cp_sophia",
@@ -815,18 +819,77 @@ def cp_value_grad_and_hessian_diag_from_state(
     _checks.check_options(name, num_samples, probe)
     fused = cp_value_grad_and_hessian_diag(fun, 0, has_aux, num_samples=num_samples,
                                            probe=probe, separable=separable)
-    value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
+    return _when_due(name, fused, jax.value_and_grad(fun, has_aux=has_aux))
 
-    def value_grad_and_diag(params, *args, state):
+
+def cp_value_grad_and_ggn_diag_from_state(
+    model_fn: Callable[..., Any],
+    loss_fn: Callable[..., Any],
+    *,
+    num_samples: int | None = None,
+    probe: str = "rademacher",
+    separable: bool = True,
+) -> Callable[..., tuple]:
+    """Return a function giving the loss, the gradient and, when due, the CP GGN diagonal.
+
+    The Gauss-Newton counterpart of `cp_value_grad_and_hessian_diag_from_state`, for a loss
+    written as `loss_fn(model_fn(params, *args), *loss_args)`: when the next update takes
+    an estimate, it runs `cpjax.cp_value_grad_and_ggn_diag`, which injects curvature only
+    in the loss. This is Sophia's Gauss-Newton variant with CP's probes in place of sampled
+    labels. The sweep carries linear rows only (one per probe for a convex loss), so an
+    estimate step costs little more than a gradient.
+
+    Args:
+      model_fn: the model, `model_fn(params, *args) -> z`.
+      loss_fn: the loss, `loss_fn(z, *loss_args) -> scalar`.
+      num_samples: number of CP probes per estimate; None means 1.
+      probe: "rademacher" or "gaussian".
+      separable: CP's separable-axis form (see `cpjax.cp_hessian_diag`).
+
+    Returns:
+      `fn(params, *args, loss_args=(), state)` returning `(value, grad, diag)`; `grad` and
+      `diag` have the structure of `params`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, cpjax.optax
+      >>> model = lambda p, x: x @ p
+      >>> loss = lambda z, y: 0.5 * jnp.sum((z - y) ** 2)
+      >>> opt = cpjax.optax.cp_sophia(learning_rate=0.1)
+      >>> params, x, y = jnp.array([1.0, 2.0]), jnp.array([[1.0, 3.0]]), jnp.zeros(1)
+      >>> state = opt.init(params)
+      >>> fn = cpjax.optax.cp_value_grad_and_ggn_diag_from_state(model, loss)
+      >>> value, grad, diag = fn(params, x, loss_args=(y,), state=state)
+      >>> diag  # x², exact for a single output
+      Array([1., 9.], dtype=float32)
+    """
+    name = "cp_value_grad_and_ggn_diag_from_state"
+    num_samples = _num_samples(name, num_samples)
+    _checks.check_options(name, num_samples, probe)
+    fused = cp_value_grad_and_ggn_diag(model_fn, loss_fn, num_samples=num_samples,
+                                       probe=probe, separable=separable)
+
+    def value_and_grad(params, *args, loss_args=()):
+        return jax.value_and_grad(lambda p: loss_fn(model_fn(p, *args), *loss_args))(params)
+
+    return _when_due(name, fused, value_and_grad)
+
+
+def _when_due(name, fused, value_and_grad):
+    """Return `fn(params, *args, state, **kwargs)`: `fused` when an estimate is due.
+
+    Otherwise `value_and_grad` runs and the diagonal is zeros; `lax.cond` makes the choice.
+    """
+
+    def value_grad_and_diag(params, *args, state, **kwargs):
         inner = _find_preconditioner_state(name, state)
         _, probe_key = jax.random.split(inner.key)  # the same half as in `_schedule`
 
         def with_diag():
-            value, grad, diag = fused(params, *args, key=probe_key)
+            value, grad, diag = fused(params, *args, key=probe_key, **kwargs)
             return value, grad, _cast_like(diag, params)
 
         def without_diag():
-            value, grad = value_and_grad(params, *args)
+            value, grad = value_and_grad(params, *args, **kwargs)
             return value, grad, jax.tree.map(jnp.zeros_like, params)
 
         return lax.cond(inner.steps_until_hessian == 0, with_diag, without_diag)

@@ -259,3 +259,31 @@ def test_cp_ggn_loss_args_not_tuple():
     with pytest.raises(TypeError, match="loss_args to be a tuple"):
         cpjax.cp_ggn_diag(tanh_model, cross_entropy)(params, x, loss_args=labels,
                                                       key=jax.random.key(0))
+
+
+def test_fused_ggn_value_and_grad_exact():
+    params, x, labels = tanh_args()
+    value, grad, diag = cpjax.cp_value_grad_and_ggn_diag(tanh_model, cross_entropy)(
+        params, x, loss_args=(labels,), key=jax.random.key(3))
+    expected = cpjax.cp_ggn_diag(tanh_model, cross_entropy)(
+        params, x, loss_args=(labels,), key=jax.random.key(3))
+
+    def loss(params):
+        return cross_entropy(tanh_model(params, x), labels)
+
+    ref_value, ref_grad = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    for name in params:
+        np.testing.assert_allclose(grad[name], ref_grad[name], rtol=1e-10, atol=1e-14)
+        np.testing.assert_array_equal(diag[name], expected[name])
+
+
+def test_fused_ggn_unbiased_tanh_cross_entropy():
+    params, x, labels = tanh_args()
+    exact = cpjax.exact_ggn_diag(tanh_model, cross_entropy)(params, x, loss_args=(labels,))
+    fused = cpjax.cp_value_grad_and_ggn_diag(tanh_model, cross_entropy)
+
+    def estimator(params, x, key):
+        return fused(params, x, loss_args=(labels,), key=key)[2]
+
+    assert_unbiased(estimator, (params, x), exact)

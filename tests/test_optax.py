@@ -484,3 +484,33 @@ def test_injected_num_samples_needs_static_args():
     state = opt.init(params)
     with pytest.raises(TypeError, match="static_args"):
         jax.jit(functools.partial(opt.update, obj_fn=parabola))(params, state, params)
+
+
+def test_ggn_from_state_due_and_exact_gradient():
+    """The GGN variant estimates on due updates only, with the loss's exact gradient."""
+    params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.3], [-0.4, 0.1]]), "b": jnp.array([0.2, 0.0])}
+    inputs = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    targets = jnp.linspace(-0.5, 0.5, 8).reshape(4, 2)
+
+    def model(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    def squared_error(z, y):
+        return 0.5 * jnp.mean((z - y) ** 2)
+
+    opt = cp_optax.cp_sophia(0.05, update_interval=2)
+    fn = jax.jit(cp_optax.cp_value_grad_and_ggn_diag_from_state(model, squared_error))
+    state = opt.init(params)
+    ref_value, ref_grad = jax.value_and_grad(
+        lambda p: squared_error(model(p, inputs), targets))(params)
+    due = []
+    for _ in range(4):
+        value, grads, diag = fn(params, inputs, loss_args=(targets,), state=state)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grad), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+        leaves = jax.tree.leaves(diag)
+        due.append(int(any(np.any(leaf != 0) for leaf in leaves)))
+        assert all(np.all(np.asarray(leaf) >= 0) for leaf in leaves)
+        _, state = opt.update(grads, state, params, hessian_diag=diag)
+    assert due == [1, 0, 1, 0]
