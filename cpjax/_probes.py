@@ -20,7 +20,8 @@ import numpy as np
 
 PROBES = ("rademacher", "gaussian")
 
-# Odd multipliers of the 32-bit finaliser (Wellons' "lowbias32") and the golden ratio.
+# Odd multipliers of the xor-shift-multiply hash below, and 2^32 divided by the golden ratio.
+# tests/test_probes.py checks the statistics that CP relies on.
 _MULTIPLY_1 = np.uint32(0x7FEB352D)
 _MULTIPLY_2 = np.uint32(0x846CA68B)
 _GOLDEN = np.uint32(0x9E3779B9)
