@@ -70,8 +70,11 @@ def _elementwise(node, vals, outs, ybar, d_out, dep_idx):
         second = _local_second(node, vals, outs, i) if ybar is not None else None
         if second is not None:
             diag = diag + ybar * second
-        shape = node.invars[i].aval.shape
-        result.append(None if isinstance(diag, int) else sum_to_shape(diag, shape))
+        aval = node.invars[i].aval
+        if isinstance(diag, int):
+            result.append(None)
+        else:  # in the input's dtype: a convert_element_type changes it
+            result.append(sum_to_shape(diag, aval.shape).astype(aval.dtype))
     return result
 
 

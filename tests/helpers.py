@@ -40,11 +40,19 @@ def draw_estimates(estimator, args, n, seed):
     """Return an `(n, d)` float64 array of raveled estimates, one per key of `split(seed, n)`."""
     keys = jax.random.split(jax.random.key(seed), n)
 
-    @jax.jit
-    def one(key):
-        return ravel_pytree(estimator(*args, key=key))[0]
+    # Array arguments enter as operands, not as constants that XLA would fold at compile
+    # time (for a max-pool model that folding took a minute). Python values stay as they are.
+    leaves, tree = jax.tree_util.tree_flatten(tuple(args))
+    is_array = [isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves]
+    arrays = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
 
-    return np.asarray(jax.vmap(one)(keys), dtype=np.float64)
+    def one(key, arrays):
+        it = iter(arrays)
+        merged = [next(it) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
+        return ravel_pytree(estimator(*jax.tree_util.tree_unflatten(tree, merged), key=key))[0]
+
+    draws = jax.jit(jax.vmap(one, in_axes=(0, None)))(keys, arrays)
+    return np.asarray(draws, dtype=np.float64)
 
 
 def assert_unbiased(estimator, args, exact, n=2000, z=6.0, seed=20120626, atol=1e-9):

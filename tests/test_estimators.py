@@ -287,3 +287,16 @@ def test_fused_ggn_unbiased_tanh_cross_entropy():
         return fused(params, x, loss_args=(labels,), key=key)[2]
 
     assert_unbiased(estimator, (params, x), exact)
+
+
+def test_becker_lecun_float32_inside_float64_loss():
+    """A float32 intermediate (as in a float32 softmax) keeps its dtype in the sweep."""
+
+    def loss(w, x):
+        y = jnp.exp(x * w).astype(jnp.float32)
+        return jnp.sum(jnp.tanh(y / jnp.sum(y)).astype(jnp.float64) ** 2)
+
+    w, x = jnp.linspace(-0.5, 0.5, 4), jnp.linspace(1.0, 2.0, 4)
+    diag = cpjax.becker_lecun_hessian_diag(loss)(w, x)
+    assert diag.dtype == jnp.float64
+    assert np.all(np.isfinite(np.asarray(diag)))
