@@ -205,7 +205,9 @@ def _chunked_diagonal(plan, flat, out_cts, key, config, positions):
                                       chunk_config, positions)
 
     def weighted(diags, num_samples):
-        return [None if d is None else d * (num_samples / total) for d in diags]
+        # Chunks are summed in at least float32; the caller casts to the input's dtype.
+        return [None if d is None else d.astype(jnp.promote_types(d.dtype, jnp.float32))
+                * (num_samples / total) for d in diags]
 
     outvals, grads, diags = one_chunk(0, size)
     diags = weighted(diags, size)
