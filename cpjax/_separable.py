@@ -15,8 +15,12 @@ an equation injects curvature or has outputs with curvature downstream. Mixing c
 reduction or contraction over the class (batch statistics, a softmax over the batch), a
 shift, a gather, or two axes of the same class in one array (similarities between
 examples). Equations after the last curvature, such as the final sum or mean, may combine
-freely because the Hessian downstream of them is zero. An axis whose class is not mixed is
-separable.
+freely because the Hessian downstream of them is zero.
+
+Only mixing downstream of a parameter's use matters: `T_z` at `z = h @ W` is formed from the
+curvature injected after `z`, so examples (or positions) combined before `z`, by attention
+in an earlier layer for instance, do not couple its rows. An axis of `z` is separable at
+that use when no equation downstream of it mixes the axis's class.
 """
 
 from __future__ import annotations
@@ -59,11 +63,13 @@ class SeparableAxes:
     """Result of the analysis: axis classes, which are mixed, which nodes are free."""
 
     classes: _UnionFind
-    mixed: set
+    mixed_at: dict  # node index -> classes that the node mixes
     free: set  # indices of nodes after the last curvature
 
-    def separable(self, var, axis) -> bool:
-        return self.classes.find((var, axis)) not in self.mixed
+    def separable(self, var, axis, downstream) -> bool:
+        """Return whether no node in `downstream` (node indices) mixes the axis's class."""
+        root = self.classes.find((var, axis))
+        return not any(root in self.mixed_at.get(n, ()) for n in downstream)
 
 
 def _free_nodes(plan) -> set:
@@ -98,16 +104,31 @@ def separable_classes(plan) -> SeparableAxes:
                 if atom.aval.shape[k] == 1 or target == _axes.BROADCAST:
                     continue
                 if target is None:
-                    constraints.append((atom, k))
+                    constraints.append((node.index, (atom, k)))
                 else:
                     classes.union((atom, k), (node.outvars[target[0]], target[1]))
-    mixed = {classes.find(key) for key in constraints}
+    mixed_at = {}
+    for index, key in constraints:
+        mixed_at.setdefault(index, set()).add(classes.find(key))
     for node in plan.program.nodes:
         if node.index in plan.infos and node.index not in free:
             for var in [*node.invars, *node.outvars]:
                 if isinstance(var, Var):
-                    mixed |= _repeated_classes(classes, var)
-    return SeparableAxes(classes, mixed, free)
+                    mixed_at.setdefault(node.index, set()).update(
+                        _repeated_classes(classes, var))
+    return SeparableAxes(classes, mixed_at, free)
+
+
+def _downstream(node, uses) -> set:
+    """Indices of `node` and of every node that reads its outputs, directly or not."""
+    seen, stack = {node.index}, [node]
+    while stack:
+        for var in stack.pop().outvars:
+            for user, _ in uses.get(var, []):
+                if user is not None and user.index not in seen:
+                    seen.add(user.index)
+                    stack.append(user)
+    return seen
 
 
 def _repeated_classes(classes, var) -> set:
@@ -186,6 +207,8 @@ class SeparableLeaves:
             diag = _broadcast_diagonal(node, site, d * t, d * u)
         elif node.primitive is lax.conv_general_dilated_p and site.other_axes:
             diag = _conv_per_example_diagonal(node, vals, t, u)
+        elif site.other_axes:
+            diag = _dot_per_example_diagonal(node, site, vals, t, u)
         else:
             diag = _dot_general_diagonal(node, site, vals, t, u)
         for chain_node in reversed(site.chain):
@@ -237,11 +260,15 @@ def _find_site(plan, axes, uses, position, num_samples):
         return None
     out = node.outvars[0]
     contracted = [a for a in contracted if out.aval.shape[a] > 1]
-    separable = tuple(a for a in contracted if axes.separable(out, a))
-    other = tuple(a for a in contracted if not axes.separable(out, a))
+    downstream = _downstream(node, uses)
+    separable = tuple(a for a in contracted if axes.separable(out, a, downstream))
+    other = tuple(a for a in contracted if not axes.separable(out, a, downstream))
     if not separable:
         return None
-    if node.primitive is lax.dot_general_p and other:
+    if node.primitive is lax.dot_general_p and other and not (
+            len(separable) == 1
+            and num_samples * out.aval.shape[separable[0]] * node.invars[i].aval.size
+            <= PER_EXAMPLE_LIMIT):
         return None
     if node.primitive is lax.conv_general_dilated_p and other and not _fits_per_example(
             node, i, out, num_samples):
@@ -249,8 +276,9 @@ def _find_site(plan, axes, uses, position, num_samples):
     return _Site(position, node, i, chain, separable, other)
 
 
-# Largest K·B·|W| for which a convolution kernel's per-example cotangents are formed; above
-# it the kernel keeps the ordinary product (float32: 256 MiB for T and as much for U).
+# Largest K·B·|W| for which a parameter's per-example cotangents are formed (a convolution
+# kernel, or a matrix product that also contracts over a mixed axis); above it the parameter
+# keeps the ordinary product (float32: 256 MiB for T and as much for U).
 PER_EXAMPLE_LIMIT = 2**26
 
 
@@ -340,6 +368,35 @@ def _conv_per_example_diagonal(node, vals, t, u):
         return jax.vjp(lambda kernel: bind_node(node, [x_one, kernel])[0], w)[1](ct_one)[0]
 
     per_example = jax.vmap(kernel_cotangent, in_axes=(x_batch, out_batch))
+    per_probe = jax.vmap(per_example, in_axes=(None, 0))
+    t_w, u_w = per_probe(x, t), per_probe(x, u)
+    return jnp.sum(jnp.mean(t_w * u_w, axis=0), axis=0)
+
+
+def _dot_per_example_diagonal(node, site, vals, t, u):
+    """`mean_k Σ_b T_W[b] ∘ U_W[b]` for a matrix product over a separable and a mixed axis.
+
+    Each example `b` of the one separable axis gets its own cotangent of `W`, which sums
+    over the mixed axes (the positions of a sequence after attention, say) within `b`.
+    """
+    i, out_axis = site.input_index, site.axes[0]
+    x = vals[1 - i]
+    x_axis = next(k for k, target in enumerate(_axes.axis_map(node, 1 - i))
+                  if target == (0, out_axis))
+    dtype = node.outvars[0].aval.dtype
+
+    def weight_cotangent(x_b, ct_b):
+        operands = [None, None]
+        operands[1 - i] = jnp.expand_dims(x_b, x_axis)
+
+        def product(w):
+            operands[i] = w
+            return bind_node(node, operands)[0]
+
+        ct_one = jnp.expand_dims(ct_b, out_axis).astype(dtype)
+        return jax.vjp(product, vals[i])[1](ct_one)[0]
+
+    per_example = jax.vmap(weight_cotangent, in_axes=(x_axis, out_axis))
     per_probe = jax.vmap(per_example, in_axes=(None, 0))
     t_w, u_w = per_probe(x, t), per_probe(x, u)
     return jnp.sum(jnp.mean(t_w * u_w, axis=0), axis=0)

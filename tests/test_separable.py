@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import cpjax
+from cpjax import _separable
 from cpjax._api import _diff_positions
 from cpjax._separable import SeparableLeaves
 from cpjax._sweep import make_plan
@@ -119,12 +120,20 @@ def test_analysis_mlp_all_parameters():
     }
 
 
-@pytest.mark.parametrize("loss", [batch_softmax_loss, contrastive_loss, rolled_loss,
-                                  batchnorm_loss], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("loss", [batch_softmax_loss, contrastive_loss, rolled_loss],
+                         ids=lambda f: f.__name__)
 def test_analysis_rejects_mixed_batch(loss):
     params = mlp_params()
     x, labels = mlp_data()
     assert separable_sites(loss, (params, x, labels)) == {}
+
+
+def test_analysis_batchnorm_mixes_only_upstream():
+    """Batch statistics couple examples at w1, but not at the parameters used after them."""
+    params = mlp_params()
+    x, labels = mlp_data()
+    sites = separable_sites(batchnorm_loss, (params, x, labels))
+    assert sites == {"[0]['b1']": (0,), "[0]['b2']": (0,), "[0]['w2']": (0,)}
 
 
 def test_analysis_layer_norm_keeps_batch():
@@ -144,16 +153,65 @@ def test_analysis_shared_weight_not_used():
     assert separable_sites(twice, (params, x)) == {}
 
 
-def test_analysis_sequence_axis_keeps_dot_ordinary():
-    """A weight that also contracts over a mixed sequence axis keeps the ordinary product."""
-    params = {"w": jnp.eye(3) / 2}
-    x = jnp.arange(24.0).reshape(2, 4, 3) / 20
+def sequence_mix(params, x):
+    h = jnp.tanh(x @ params["w"])
+    return jnp.sum(jnp.tanh(jnp.sum(h, axis=1)))
 
-    def sequence_mix(params, x):
-        h = jnp.tanh(x @ params["w"])
-        return jnp.sum(jnp.tanh(jnp.sum(h, axis=1)))
 
-    assert separable_sites(sequence_mix, (params, x)) == {}
+def sequence_args():
+    return {"w": jnp.eye(3) / 2 + 0.1}, jnp.arange(24.0).reshape(2, 4, 3) / 20
+
+
+def test_analysis_sequence_axis_per_example(monkeypatch):
+    """A weight that also contracts over a mixed sequence axis gets per-example cotangents
+    over the batch axis, or keeps the ordinary product above the size limit."""
+    args = sequence_args()
+    assert separable_sites(sequence_mix, args) == {"[0]['w']": (0,)}
+    monkeypatch.setattr(_separable, "PER_EXAMPLE_LIMIT", 2 * 9 - 1)
+    assert separable_sites(sequence_mix, args) == {}
+
+
+def test_sequence_axis_per_example_unbiased():
+    args = sequence_args()
+    exact = reference_diag(sequence_mix, args)
+    assert_unbiased(cpjax.cp_hessian_diag(sequence_mix), args, exact)
+
+
+def attention_then_mlp(params, x):
+    """Tokens mix in attention. The layers after it act on each token alone."""
+    q, k = x @ params["wq"], x @ params["wk"]
+    scores = jnp.einsum("bsd,btd->bst", q, k)
+    mixed = jax.nn.softmax(scores, axis=-1) @ x
+    h = jnp.tanh(mixed @ params["wo"])
+    return jnp.mean(jnp.tanh(h @ params["w1"]) @ params["w2"] ** 2)
+
+
+def attention_args():
+    keys = jax.random.split(jax.random.key(3), 6)
+    params = {name: jax.random.normal(k, shape) / 2 for name, k, shape in zip(
+        ("wq", "wk", "wo", "w1", "w2"), keys[:5],
+        ((3, 3), (3, 3), (3, 4), (4, 4), (4,)), strict=True)}
+    return params, jax.random.normal(keys[5], (2, 5, 3))
+
+
+def test_analysis_sequence_separable_after_attention():
+    params, x = attention_args()
+    sites = separable_sites(attention_then_mlp, (params, x))
+    # A query row meets the other positions only through its own row of scores, so the
+    # query weights separate too. The softmax mixes the keys' positions, so the key weights
+    # get per-example cotangents over the batch axis alone.
+    assert sites == {"[0]['w1']": (0, 1), "[0]['wk']": (0,), "[0]['wo']": (0, 1),
+                     "[0]['wq']": (0, 1)}
+
+
+def test_attention_then_mlp_unbiased_and_lower_variance():
+    args = attention_args()
+    exact = reference_diag(attention_then_mlp, args)
+    assert_unbiased(cpjax.cp_hessian_diag(attention_then_mlp), args, exact)
+    plain = sample_variance(cpjax.cp_hessian_diag(attention_then_mlp, separable=False), args,
+                            400, 5)
+    separable = sample_variance(cpjax.cp_hessian_diag(attention_then_mlp), args, 400, 5)
+    assert separable.sum() < plain.sum()
 
 
 ALL_LOSSES = [mlp_loss, batch_softmax_loss, contrastive_loss, rolled_loss, batchnorm_loss,
