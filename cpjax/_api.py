@@ -344,12 +344,13 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       per-example form `Σ_b (h_b ∘ h_b) ⊗ (T_b ∘ U_b)`, which drops the zero-mean
       products of different examples. The batch axis must stay independent from there to
       the output: batch statistics, a softmax over the batch or similarities between
-      examples switch it off for the parameters they reach. A convolution kernel whose
-      spatial positions interact downstream (a flatten into a dense layer) gets per-example
-      kernel cotangents instead, when `K · batch · kernel size` is at most
-      `cpjax._separable.PER_EXAMPLE_LIMIT`. A matrix product that also contracts over an
-      axis that is not separable (a sequence axis mixed by attention) keeps the ordinary
-      product.
+      examples downstream of a parameter's use switch the form off for that parameter
+      (mixing upstream of it does not). The positions of a sequence count as examples for
+      the layers after the last attention. A convolution kernel whose spatial positions
+      interact downstream (a flatten into a dense layer), or a matrix product that also
+      contracts over a mixed axis (a sequence axis before an attention), gets per-example
+      cotangents over its batch axis instead, when `K · batch · parameter size` is at
+      most `cpjax._separable.PER_EXAMPLE_LIMIT`; above it, the ordinary product.
 
     Args:
       fun: function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).
