@@ -30,7 +30,7 @@ class _Config:
     # "cp": diagonal; "cp_factors": the T and U rows themselves, every cross block kept;
     # "becker_lecun": the deterministic diagonal.
     estimator: str = "cp"
-    # Probes per sweep when the diagonal is formed in chunks; None: all K in one sweep.
+    # Probes per sweep when the diagonal is formed in chunks (None: all K in one sweep).
     sample_chunk_size: int | None = None
 
 
@@ -205,7 +205,7 @@ def _chunked_diagonal(plan, flat, out_cts, key, config, positions):
                                       chunk_config, positions)
 
     def weighted(diags, num_samples):
-        # Chunks are summed in at least float32; the caller casts to the input's dtype.
+        # Chunks are summed in at least float32, and the caller casts to the input's dtype.
         return [None if d is None else d.astype(jnp.promote_types(d.dtype, jnp.float32))
                 * (num_samples / total) for d in diags]
 
@@ -350,7 +350,7 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       interact downstream (a flatten into a dense layer), or a matrix product that also
       contracts over a mixed axis (a sequence axis before an attention), gets per-example
       cotangents over its batch axis instead, when `K · batch · parameter size` is at
-      most `cpjax._separable.PER_EXAMPLE_LIMIT`; above it, the ordinary product.
+      most `cpjax._separable.PER_EXAMPLE_LIMIT`. Above it, the ordinary product.
 
     Args:
       fun: function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).
