@@ -207,6 +207,8 @@ def axis_map(node, i) -> list:
         return _pad(node, i, in_shape)
     if p is lax.concatenate_p:
         return _concatenate(node, i, rank)
+    if node.composite == "rowwise":
+        return [(0, k) if k < rank - 1 else None for k in range(rank)]
     if node.composite == "log_softmax":
         from cpjax.rules.composite import _log_softmax_axes
 

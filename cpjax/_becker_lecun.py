@@ -24,7 +24,7 @@ from cpjax._errors import CurvatureError
 from cpjax._trace import Var, bind_node
 from cpjax.rules import RULES, Rule, rule_for
 from cpjax.rules.binary import BinaryRule, sum_to_shape
-from cpjax.rules.composite import _log_softmax_axes
+from cpjax.rules.composite import _log_softmax_axes, row_blocks
 from cpjax.rules.elementwise import ElementwiseRule
 
 _BILINEAR = (lax.dot_general_p, lax.conv_general_dilated_p)
@@ -104,6 +104,15 @@ def _log_softmax(node, vals, outs, ybar, d_out):
     return [diag]
 
 
+def _rowwise(node, vals, ybar, d_out):
+    """Return `diag(Jᵀ diag(D) J) + diag(M)` per row of a row-wise call, from exact blocks."""
+    jacobian, hessian = row_blocks(node, vals[0], ybar)
+    diag = jnp.diagonal(hessian, axis1=-2, axis2=-1)
+    if d_out is not None:
+        diag = diag + jnp.einsum("...ij,...i->...j", jacobian * jacobian, d_out)
+    return diag
+
+
 def _structural(node, vjp_fn, d_out, n_out):
     """Linear maps with coefficients 0 or 1: `(J ∘ J)ᵀ = Jᵀ`."""
     if d_out is None:
@@ -116,6 +125,8 @@ def backward_diagonal(node, vals, outs, ybar, d_out, vjp_fn, dep_idx, n_float_ou
     p = node.primitive
     if node.composite == "log_softmax":
         return _log_softmax(node, vals, outs, ybar, d_out)
+    if node.composite == "rowwise":
+        return [_rowwise(node, vals, ybar, d_out)]
     if p in _BILINEAR:
         return _bilinear(node, vals, d_out, dep_idx)
     elif _axes.is_elementwise(node) or (

@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import cpjax
+from cpjax._trace import trace_program
 from tests.helpers import assert_unbiased, reference_diag, sample_variance
 
 X = jnp.array([0.3, -0.5, 0.7, 0.2])
@@ -307,3 +308,60 @@ def test_activation_variance_not_worse_than_inlined(name):
                                        500, 3)
     assert rule_variance.sum() <= inlined_variance.sum() * 1.05, (rule_variance,
                                                                   inlined_variance)
+
+
+def _standardize_loss(normalize):
+    def loss(w, x):
+        h = jnp.tanh(x @ w)
+        weights = jnp.cos(jnp.arange(h.size, dtype=h.dtype).reshape(h.shape))
+        return jnp.sum(weights * normalize(h))
+
+    return loss
+
+
+def _inlined_standardize(h):
+    mean = h.mean(-1, keepdims=True)
+    variance = ((h - mean) ** 2).mean(-1, keepdims=True)
+    return (h - mean) / jnp.sqrt(variance + 1e-5)
+
+
+def _standardize_args():
+    return (jax.random.normal(jax.random.key(0), (3, 6)),
+            jax.random.normal(jax.random.key(1), (5, 3)))
+
+
+def test_standardize_kept_as_rowwise_call():
+    flat, tree = jax.tree_util.tree_flatten(_standardize_args())
+    program, _ = trace_program(_standardize_loss(jax.nn.standardize), flat, tree)
+    assert [n.composite for n in program.nodes if n.composite] == ["rowwise"]
+
+
+def test_rowwise_rule_unbiased_and_variance_below_inlined():
+    args = _standardize_args()
+    fun = _standardize_loss(lambda h: jax.nn.standardize(h, axis=-1, epsilon=1e-5))
+    assert_unbiased(cpjax.cp_hessian_diag(fun), args, reference_diag(fun, args))
+    rule = sample_variance(cpjax.cp_hessian_diag(fun), args, 500, 3)
+    inlined = sample_variance(
+        cpjax.cp_hessian_diag(_standardize_loss(_inlined_standardize)), args, 500, 3)
+    assert rule.sum() < inlined.sum(), (rule.sum(), inlined.sum())
+
+
+def test_rowwise_becker_lecun_exact_at_the_call():
+    """With the call applied to the argument itself, Becker-LeCun's diagonal is exact."""
+    x = jax.random.normal(jax.random.key(2), (4, 5))
+    weights = jnp.cos(jnp.arange(20.0).reshape(4, 5))
+
+    def fun(x):
+        return jnp.sum(weights * jax.nn.standardize(x, axis=-1))
+
+    np.testing.assert_allclose(cpjax.becker_lecun_hessian_diag(fun)(x),
+                               reference_diag(fun, (x,)), rtol=1e-8, atol=1e-10)
+
+
+def test_rowwise_call_rejects_row_mixing():
+    """A call that reads another row is inlined, not treated as row-wise."""
+    x = jnp.ones((4, 5))
+    mixing = jax.jit(lambda h: h * h[0:1])
+    flat, tree = jax.tree_util.tree_flatten((x,))
+    program, _ = trace_program(lambda h: jnp.sum(mixing(h)), flat, tree)
+    assert all(n.composite is None for n in program.nodes)

@@ -1,5 +1,9 @@
 """Composite rules for whole `jax.nn` functions that JAX emits as one named jit call.
 
+Three kinds are kept whole: `log_softmax`, calls that act elementwise (silu, elu, ...) and
+calls that act on each row of their last axis alone (`jax.nn.standardize`, or any such
+function the user wraps in `jax.jit`). Other calls are inlined.
+
 Inlined, `log_softmax` becomes exp, a sum and a log, each injecting its own probes. Kept
 whole, its local curvature has the exact per-row form
 
@@ -59,7 +63,78 @@ def match_composite(eqn) -> str | None:
             and all(v.aval.shape in ((), out_shapes[0]) for v in eqn.invars)
             and elementwise_jaxpr(eqn.params["jaxpr"].jaxpr)):
         return "elementwise"
+    if _rowwise_call(eqn):
+        return "rowwise"
     return None
+
+
+# Maximum row length for which a row-wise call gets its exact local curvature. The rule
+# forms an n × n block per row with n Hessian-vector products and splits it with `eigh`.
+ROWWISE_LIMIT = 64
+
+
+def _rowwise_call(eqn) -> bool:
+    """Return whether a jit call maps each row along its last axis on its own.
+
+    One input and one output of the same shape `(..., n)` with `2 <= n <= ROWWISE_LIMIT`,
+    whose equations keep every leading axis aligned and mix only the last one (a layer
+    normalisation such as `jax.nn.standardize`, say).
+    """
+    if len(eqn.invars) != 1 or len(eqn.outvars) != 1:
+        return False
+    x, y = eqn.invars[0].aval, eqn.outvars[0].aval
+    if (x.ndim < 2 or x.shape != y.shape or not 2 <= x.shape[-1] <= ROWWISE_LIMIT
+            or not jnp.issubdtype(x.dtype, jnp.floating)):
+        return False
+    return _row_local(eqn.params["jaxpr"], x.shape)
+
+
+def _input_roles(shape):
+    roles = [k if n > 1 else "unit" for k, n in enumerate(shape[:-1])]
+    return tuple(roles) + ("row",)
+
+
+def _row_local(closed_jaxpr, shape) -> bool:
+    """Return whether every leading axis of the input stays aligned (see `_rowwise_call`)."""
+    from cpjax._axes import axis_map
+    from cpjax._trace import Var, build_program
+
+    program = build_program(closed_jaxpr)
+    roles = {program.invars[0]: _input_roles(shape)}
+    for node in program.nodes:
+        tracked = [i for i, a in enumerate(node.invars) if isinstance(a, Var) and a in roles]
+        if not tracked:
+            continue  # computed from constants only
+        if len(node.outvars) != 1:
+            return False
+        out = node.outvars[0]
+        out_roles = [None] * out.aval.ndim
+        for i in tracked:
+            atom, mapping = node.invars[i], axis_map(node, i)
+            for k, role in enumerate(roles[atom]):
+                target = mapping[k] if k < len(mapping) else None
+                if role == "unit":
+                    continue
+                if not (isinstance(target, tuple) and target[0] == 0):
+                    if role == "row":
+                        continue  # reduced over the row
+                    return False
+                t = target[1]
+                if role != "row" and atom.aval.shape[k] != out.aval.shape[t]:
+                    return False  # a partial slice along a leading axis
+                if out_roles[t] not in (None, role):
+                    return False
+                out_roles[t] = role
+        for t, n in enumerate(out.aval.shape):
+            if n == 1:
+                out_roles[t] = "unit"
+            elif out_roles[t] is None:
+                if t != out.aval.ndim - 1:
+                    return False
+                out_roles[t] = "row"  # broadcast along the row
+        roles[out] = tuple(out_roles)
+    final = program.outvars[0]
+    return isinstance(final, Var) and roles.get(final) == _input_roles(shape)
 
 
 class LogSoftmaxRule(Rule):
@@ -83,6 +158,67 @@ class LogSoftmaxRule(Rule):
         av = root_p * v - p * jnp.sum(root_p * v, axis=axes_k, keepdims=True)
         fv = scale * av
         return [(0, fv, None if ctx.symmetric else jnp.sign(c) * fv)]
+
+
+def row_blocks(node, x, ybar):
+    """Return the Jacobian and the Hessian of `ȳ · f` of a row-wise call, row by row.
+
+    Both have shape `(..., n, n)` with `[..., i, j] = ∂y_i/∂x_j` and `∂²(ȳ · y)/∂x_i∂x_j`.
+    Because rows do not interact, a tangent of ones at position `j` of every row gives
+    column `j` of every row's block at once: `n` JVPs and `n` Hessian-vector products.
+    """
+    from cpjax._trace import bind_node
+
+    def f(z):
+        return bind_node(node, [z])[0]
+
+    def grad(z):
+        return jax.vjp(f, z)[1](ybar)[0]
+
+    n = x.shape[-1]
+    basis = jnp.moveaxis(jnp.broadcast_to(jnp.eye(n, dtype=x.dtype), (*x.shape[:-1], n, n)),
+                         -2, 0)
+    jacobian = jax.vmap(lambda e: jax.jvp(f, (x,), (e,))[1])(basis)
+    hessian = jax.vmap(lambda e: jax.jvp(grad, (x,), (e,))[1])(basis)
+    # Axis 0 indexes j (the tangent); move it last.
+    jacobian, hessian = jnp.moveaxis(jacobian, 0, -1), jnp.moveaxis(hessian, 0, -1)
+    return jacobian, 0.5 * (hessian + jnp.swapaxes(hessian, -1, -2))
+
+
+class RowwiseCallRule(Rule):
+    """A row-wise jit call (a layer normalisation), kept whole with its exact curvature.
+
+    Inlined, `(x − mean) / sqrt(var + ε)` injects at every square, division and root with
+    independent probes, and those large injections cancel only on average. Kept whole,
+    each row gets one injection from its exact `n × n` block `M = Σ_i ȳ_i ∇²y_i`, split
+    as `M = V Λ Vᵀ`: `F v = V |Λ|^½ v`, `G v = V sign(Λ) |Λ|^½ v`.
+    """
+
+    def curvature(self, node, info):
+        if not info.dependent(0) or info.out_signs[0] == 0:
+            return Curvature.NONE
+        if _call_is_piecewise_linear(node.eqn):  # a sort or a cumulative maximum, say
+            return Curvature.NONE
+        return Curvature.INDEFINITE
+
+    def inject(self, ctx):
+        if self.curvature(ctx.node, ctx.info) is Curvature.NONE:
+            return []
+        (x,), (ybar,) = ctx.invals, ctx.ybar
+        if ybar is None:
+            return []
+        _, block = row_blocks(ctx.node, x, ybar)
+        work = jnp.promote_types(block.dtype, jnp.float32)  # eigh has no 16-bit form
+        eigenvalues, vectors = jnp.linalg.eigh(block.astype(work))
+        scale = safe_sqrt(jnp.abs(eigenvalues))
+        v = ctx.draw(x.shape, work)
+        f = vectors * scale[..., None, :]
+        fv = jnp.einsum("...ij,k...j->k...i", f, v).astype(x.dtype)
+        if ctx.symmetric:
+            return [(0, fv, None)]
+        g = vectors * (jnp.sign(eigenvalues) * scale)[..., None, :]
+        gv = jnp.einsum("...ij,k...j->k...i", g, v).astype(x.dtype)
+        return [(0, fv, gv)]
 
 
 class ElementwiseCallRule(Rule):
@@ -164,3 +300,4 @@ def _second_partial(node, vals, i, j):
 
 COMPOSITE_RULES["log_softmax"] = LogSoftmaxRule()
 COMPOSITE_RULES["elementwise"] = ElementwiseCallRule()
+COMPOSITE_RULES["rowwise"] = RowwiseCallRule()
