@@ -84,3 +84,30 @@ def assert_unbiased(estimator, args, exact, n=2000, z=6.0, seed=20120626, atol=1
 def sample_variance(estimator, args, n, seed):
     """Return the per-coordinate sample variance of `n` estimates."""
     return draw_estimates(estimator, args, n, seed).var(axis=0, ddof=1)
+
+
+def run_notebook_small(path, figure_dir):
+    """Execute a notebook's code cells in one namespace, at its small size.
+
+    The first code cell must define `SMALL` and `FIGURE_DIR`; they are set to True and to
+    `figure_dir` before the other cells run. No Jupyter kernel is needed. The caller sets
+    the working folder and restores `sys.path` (a notebook may extend it).
+    """
+    import json
+
+    import matplotlib.pyplot as plt
+
+    notebook = json.loads(path.read_text())
+    cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert any(cell["cell_type"] == "markdown" for cell in notebook["cells"])
+    namespace = {"__name__": "__main__"}
+    exec(compile("".join(cells[0]["source"]), "cell 1", "exec"), namespace)
+    assert "SMALL" in namespace, "the first code cell must define the SMALL switch"
+    namespace["SMALL"] = True
+    namespace["FIGURE_DIR"] = str(figure_dir)
+    try:
+        for number, cell in enumerate(cells[1:], start=2):
+            exec(compile("".join(cell["source"]), f"cell {number}", "exec"), namespace)
+    finally:
+        plt.close("all")
+    return namespace

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import run_notebook_small
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 NOTEBOOK = ROOT / "notebooks" / "paper_reproduction.ipynb"
@@ -92,25 +94,12 @@ def test_notebook_runs_small(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    notebook = json.loads(NOTEBOOK.read_text())
-    cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
-    assert any(cell["cell_type"] == "markdown" for cell in notebook["cells"])
     # Jupyter starts a notebook in its own folder. The notebook puts benchmarks/ on
     # sys.path, and monkeypatch restores sys.path afterwards.
     monkeypatch.chdir(NOTEBOOK.parent)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    namespace = {"__name__": "__main__"}
-    exec(compile("".join(cells[0]["source"]), "cell 1", "exec"), namespace)
-    assert "SMALL" in namespace, "the first code cell must define the SMALL switch"
-    namespace["SMALL"] = True
-    namespace["FIGURE_DIR"] = str(tmp_path)
-    try:
-        for number, cell in enumerate(cells[1:], start=2):
-            exec(compile("".join(cell["source"]), f"cell {number}", "exec"), namespace)
-    finally:
-        plt.close("all")
+    namespace = run_notebook_small(NOTEBOOK, tmp_path)
 
     for name in FIGURES:
         assert (tmp_path / name).stat().st_size > 0, name

@@ -5,7 +5,6 @@ every coordinate within z = 6 standard errors of the exact value.
 """
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from cpjax import score_matching as sm
-from tests.helpers import assert_unbiased
+from tests.helpers import assert_unbiased, run_notebook_small
 
 DIM = 4
 BATCH = 1.3 * jax.random.normal(jax.random.key(11), (3, DIM))
@@ -189,22 +188,9 @@ def test_notebook_runs_small(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    notebook = json.loads(NOTEBOOK.read_text())
-    cells = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
-    assert any(cell["cell_type"] == "markdown" for cell in notebook["cells"])
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__main__"}
-    exec(compile("".join(cells[0]["source"]), "cell 1", "exec"), namespace)
-    assert "SMALL" in namespace, "the first code cell must define the SMALL switch"
-    namespace["SMALL"] = True
-    namespace["FIGURE_DIR"] = str(tmp_path)
-    try:
-        for number, cell in enumerate(cells[1:], start=2):
-            exec(compile("".join(cell["source"]), f"cell {number}", "exec"), namespace)
-    finally:
-        plt.close("all")
+    run_notebook_small(NOTEBOOK, tmp_path)
     figures = sorted(os.listdir(tmp_path))
     assert "objective_vs_time.png" in figures, figures
     assert "filters.png" in figures, figures
