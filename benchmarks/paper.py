@@ -44,7 +44,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import describe_machine, describe_source, init_mlp_params
+from _common import (
+    cross_entropy,
+    describe_machine,
+    describe_source,
+    init_mlp_params,
+    mlp_logits,
+)
 from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
@@ -135,18 +141,6 @@ def load_batch(batch: int):
     pixels = StandardScaler().fit_transform(digits.data)
     order = np.random.default_rng(0).permutation(len(digits.target))[:batch]
     return jnp.asarray(pixels[order]), jnp.asarray(digits.target[order])
-
-
-def mlp_logits(params, inputs):
-    """Return the logits of the tanh MLP 64 -> hidden -> 10."""
-    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"])
-    return hidden @ params["w2"] + params["b2"]
-
-
-def cross_entropy(logits, labels):
-    """Return the mean softmax cross-entropy of `logits` against integer `labels`."""
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
 
 
 def mlp_loss(params, inputs, labels):
