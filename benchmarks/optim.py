@@ -28,7 +28,7 @@ Methods:
 * `cp_sophia_ggn`: `cpjax.optax.cp_sophia` fed the Gauss-Newton diagonal by
   `cp_value_grad_and_ggn_diag_from_state`: CP injects curvature only in the cross-entropy,
   as Sophia's Gauss-Newton-Bartlett variant does with sampled labels. The fused sweep then
-  carries one linear row per probe, and an estimate step cost 1.5 to 1.8 gradients here.
+  carries one linear row per probe, and an estimate step cost 1.4 to 1.9 gradients here.
 * `cp_adahessian`: `cpjax.optax.cp_adahessian`, a fused sweep at every update.
 * `sophia_cp_estimator` (only with `--methods`): `optax.contrib.sophia` with
   `cpjax.optax.cp_hessian_diag_estimator`, CP in place of Hutchinson without the fused
