@@ -11,9 +11,9 @@ between devices, and for a single equation where the output is the same on all o
 (after a `psum`, say). With `check_vma=True`, JAX records the mesh axes along which each
 value varies. The sweep folds the device's index along those axes, and only those, into the
 equation's key. Shared values thus get shared probes and per-device values independent ones, which
-keeps the estimate unbiased. Because the draws depend on the device layout, an estimate
-whose curvature comes from per-device equations differs from the one-device estimate for
-the same key (it agrees in mean); where all curvature comes from shared values, it is equal.
+keeps the estimate unbiased. The draws depend on the device layout, so an estimate whose
+curvature comes from per-device equations differs from the one-device estimate for the same
+key and agrees with it in mean. Where all curvature comes from shared values, it is equal.
 """
 
 from __future__ import annotations
