@@ -17,6 +17,17 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def finite_or_none(tree):
+    """Replace inf and nan by None, so that the JSON record stays standard JSON."""
+    if isinstance(tree, dict):
+        return {k: finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite_or_none(v) for v in tree]
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
+
+
 def load_average() -> float:
     """Return the 1-minute load average (NaN where the OS has none), a sign of competing work."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

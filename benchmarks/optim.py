@@ -80,6 +80,7 @@ from _common import (
     cross_entropy,
     describe_machine,
     describe_source,
+    finite_or_none,
     init_cnn_params,
     init_transformer_params,
     lecun_normal,
@@ -511,17 +512,6 @@ def summarize(runs: dict, target: float, compile_seconds: dict, learning_rates: 
             "compile_seconds": compile_seconds[m],
         }
     return summary
-
-
-def finite_or_none(tree):
-    """Replace inf and nan by None, so that the JSON record stays standard JSON."""
-    if isinstance(tree, dict):
-        return {k: finite_or_none(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [finite_or_none(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
 
 
 def format_number(value, digits=1):

@@ -62,6 +62,7 @@ from _common import (
     cross_entropy,
     describe_machine,
     describe_source,
+    finite_or_none,
     init_cnn_params,
     init_mlp_params,
     init_transformer_params,
@@ -579,17 +580,6 @@ def plot(path: Path, results: list, probe_counts) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def finite_or_none(tree):
-    """Replace inf and nan by None, so that the JSON record stays standard JSON."""
-    if isinstance(tree, dict):
-        return {k: finite_or_none(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [finite_or_none(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    return tree
 
 
 def record_of(result: dict) -> dict:
