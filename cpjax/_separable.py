@@ -374,10 +374,11 @@ def _conv_per_example_diagonal(node, vals, t, u):
 
 
 def _dot_per_example_diagonal(node, site, vals, t, u):
-    """`mean_k Σ_b T_W[b] ∘ U_W[b]` for a matrix product over a separable and a mixed axis.
+    """Return `mean_k Σ_b T_W[b] ∘ U_W[b]` for a product over a separable and a mixed axis.
 
     Each example `b` of the one separable axis gets its own cotangent of `W`, which sums
-    over the mixed axes (the positions of a sequence after attention, say) within `b`.
+    over the mixed axes within `b` (the positions of a sequence that a later attention
+    combines, say).
     """
     i, out_axis = site.input_index, site.axes[0]
     x = vals[1 - i]

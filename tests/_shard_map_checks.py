@@ -88,12 +88,12 @@ def check_value_and_grad_exact():
 
 
 def check_shared_curvature_equals_one_device():
-    one = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    one_device = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
     key = jax.random.key(5)
     estimator = cpjax.cp_hessian_diag(shared_curvature_loss(eight_devices()), num_samples=3)
     many = estimator(*inputs(), key=key)
-    single = cpjax.cp_hessian_diag(shared_curvature_loss(one), num_samples=3)(
-        *inputs(one), key=key)
+    single = cpjax.cp_hessian_diag(shared_curvature_loss(one_device), num_samples=3)(
+        *inputs(one_device), key=key)
     np.testing.assert_allclose(np.asarray(many), np.asarray(single), rtol=1e-12, atol=1e-14)
 
 
