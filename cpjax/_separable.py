@@ -26,13 +26,14 @@ that use when no equation downstream of it mixes the axis's class.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
-from cpjax import _axes
+from cpjax import _axes, _probes
 from cpjax._trace import Var, bind_node
 from cpjax.rules import Curvature
 
@@ -206,7 +207,7 @@ class SeparableLeaves:
             d = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index)
             diag = _broadcast_diagonal(node, site, d * t, d * u)
         elif node.primitive is lax.conv_general_dilated_p and site.other_axes:
-            diag = _conv_per_example_diagonal(node, vals, t, u)
+            diag = _conv_per_example_diagonal(node, vals, rows, self.plan.symmetric)
         elif site.other_axes:
             diag = _dot_per_example_diagonal(node, site, vals, t, u)
         else:
@@ -346,17 +347,86 @@ def _broadcast_diagonal(node, site, t, u):
         other = tuple(a + 1 for a in site.other_axes)  # axis 0 indexes the probes
         t = jnp.sum(t, axis=other, keepdims=True)
         u = jnp.sum(u, axis=other, keepdims=True)
-    prod = jnp.sum(jnp.mean(t * u, axis=0), axis=site.axes, keepdims=True)
+    prod = jnp.sum(_probes.probe_mean(t * u), axis=site.axes, keepdims=True)
     # Every contracted axis now has size 1 and the rest are the operand's, in order.
     return prod.reshape(node.invars[site.input_index].aval.shape)
 
 
-def _conv_per_example_diagonal(node, vals, t, u):
+def _conv_per_example_diagonal(node, vals, rows, symmetric):
     """`mean_k Σ_b T_W[b] ∘ U_W[b]` from each example's own kernel cotangent.
 
     Used where the spatial axes are not separable: positions within an example interact,
-    so only the products of different examples can be dropped.
+    so only the products of different examples can be dropped. Each example's kernel
+    cotangent is its patches contracted with its output cotangent over the output
+    positions: a batched matrix product over the examples for all probes at once (a
+    vmapped VJP of the convolution runs as a grouped convolution, several times slower on
+    CPU).
     """
+    x, w = vals
+    specs = node.params["dimension_numbers"]
+    if node.params["feature_group_count"] != 1:
+        k = rows.shape[0] if symmetric else rows.shape[0] // 2
+        return _conv_per_example_by_vjp(node, vals, rows[:k], rows[-k:])
+    dtype = node.outvars[0].aval.dtype
+    patches = _patches(node, x.astype(dtype))  # (batch, positions, in features · window)
+    # (rows, batch, out features, positions): the output's spatial axes flattened
+    rows = jnp.transpose(rows, (0, *(a + 1 for a in specs.out_spec)))
+    rows = rows.reshape(*rows.shape[:3], -1).astype(dtype)
+    features = rows.shape[2]
+
+    def kernel_cotangents(r):  # (batch, probes, out features, in features · window)
+        return lax.dot_general(r, patches, (((3,), (1,)), ((1,), (0,))))
+
+    # Written as two products and one reduction, XLA's CPU backend fuses them into one
+    # kernel, so the per-example cotangents are never stored.
+    half = rows.shape[0] if symmetric else rows.shape[0] // 2
+    t_w = kernel_cotangents(rows[:half])
+    u_w = t_w if symmetric else kernel_cotangents(rows[half:])
+    prod = jnp.sum(t_w * u_w, axis=(0, 1)) / half
+    # (out features, in features, window...) in the kernel's own axis order
+    canonical = prod.reshape(features, -1, *(w.shape[a] for a in specs.rhs_spec[2:]))
+    return jnp.transpose(canonical, _inverse_permutation(specs.rhs_spec)).astype(w.dtype)
+
+
+def _patches(node, x):
+    """Return each example's input patches, `(batch, output positions, in features · window)`.
+
+    The window index runs fastest, matching the kernel in `(out, in, window...)` order.
+    """
+    params = node.params
+    specs = params["dimension_numbers"]
+    window = [node.invars[1].aval.shape[a] for a in specs.rhs_spec[2:]]
+    out_shape = node.outvars[0].aval.shape
+    out_spatial = [out_shape[a] for a in specs.out_spec[2:]]
+    x = jnp.transpose(x, specs.lhs_spec)  # (batch, in features, spatial...)
+    lhs_dilation = params["lhs_dilation"] or (1,) * len(window)
+    rhs_dilation = params["rhs_dilation"] or (1,) * len(window)
+    config = [(0, 0, 0), (0, 0, 0)] + [
+        (lo, hi, d - 1) for (lo, hi), d in zip(params["padding"], lhs_dilation, strict=True)]
+    x = lax.pad(x, jnp.zeros((), x.dtype), config)
+    slices = []
+    for offset in itertools.product(*(range(n) for n in window)):
+        start = [0, 0] + [o * d for o, d in zip(offset, rhs_dilation, strict=True)]
+        limit = [*x.shape[:2]] + [
+            s + (n - 1) * stride + 1
+            for s, n, stride in zip(start[2:], out_spatial, params["window_strides"],
+                                    strict=True)]
+        slices.append(lax.slice(x, start, limit, [1, 1, *params["window_strides"]]))
+    patches = jnp.stack(slices, axis=2)  # (batch, in features, window, spatial...)
+    batch = patches.shape[0]
+    patches = patches.reshape(batch, patches.shape[1] * patches.shape[2], -1)
+    return jnp.swapaxes(patches, 1, 2)
+
+
+def _inverse_permutation(perm):
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return tuple(inverse)
+
+
+def _conv_per_example_by_vjp(node, vals, t, u):
+    """Return the per-example diagonal by a vmapped VJP (grouped convolutions)."""
     x, w = vals
     specs = node.params["dimension_numbers"]
     x_batch, out_batch = specs.lhs_spec[0], specs.out_spec[0]
@@ -370,7 +440,7 @@ def _conv_per_example_diagonal(node, vals, t, u):
     per_example = jax.vmap(kernel_cotangent, in_axes=(x_batch, out_batch))
     per_probe = jax.vmap(per_example, in_axes=(None, 0))
     t_w, u_w = per_probe(x, t), per_probe(x, u)
-    return jnp.sum(jnp.mean(t_w * u_w, axis=0), axis=0)
+    return _probes.leading_sum(t_w * u_w, 2) / t.shape[0]
 
 
 def _dot_per_example_diagonal(node, site, vals, t, u):
@@ -400,7 +470,7 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
     per_example = jax.vmap(weight_cotangent, in_axes=(x_axis, out_axis))
     per_probe = jax.vmap(per_example, in_axes=(None, 0))
     t_w, u_w = per_probe(x, t), per_probe(x, u)
-    return jnp.sum(jnp.mean(t_w * u_w, axis=0), axis=0)
+    return _probes.leading_sum(t_w * u_w, 2) / t.shape[0]
 
 
 def _dot_general_diagonal(node, site, vals, t, u):
@@ -409,7 +479,7 @@ def _dot_general_diagonal(node, site, vals, t, u):
     other = vals[1 - i]
     squared = [None, None]
     squared[1 - i] = other * other
-    ct = jnp.mean(t * u, axis=0)
+    ct = _probes.probe_mean(t * u)
 
     def product(w):
         operands = list(squared)

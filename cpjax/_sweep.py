@@ -291,5 +291,5 @@ def _ybar_per_output(node, float_out, ybar_floats):
 def diagonal_from_rows(rows, num_samples, symmetric):
     """Average `T ⊙ U` over the probes."""
     if symmetric:
-        return jnp.mean(rows * rows, axis=0)
-    return jnp.mean(rows[:num_samples] * rows[num_samples:], axis=0)
+        return _probes.probe_mean(rows * rows)
+    return _probes.probe_mean(rows[:num_samples] * rows[num_samples:])

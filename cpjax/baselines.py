@@ -145,7 +145,7 @@ def hutchinson_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1,
         _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         probes = _probes.draw(key, (num_samples, v0.size), v0.dtype, probe)
-        flat = jnp.mean(probes * jax.vmap(hvp)(probes), axis=0)
+        flat = _probes.probe_mean(probes * jax.vmap(hvp)(probes))
         return _package(argnums, unravel, flat, has_aux, call, v0)
 
     run = jit_per_shape(impl)

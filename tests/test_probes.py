@@ -76,3 +76,21 @@ def test_gaussian_moments():
     v = np.asarray(_probes.draw(jax.random.key(8), (20000,), jnp.float64, "gaussian"))
     assert abs(v.mean()) < Z / np.sqrt(v.size)
     assert abs(v.var() - 1.0) < Z * np.sqrt(2.0 / v.size)
+
+
+@pytest.mark.parametrize("lead", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 3, 4), (5, 3, 4), (7, 2, 3, 2)])
+def test_leading_sum_matches_numpy(shape, lead):
+    x = np.asarray(jax.random.normal(jax.random.key(9), shape, jnp.float64))
+    np.testing.assert_allclose(_probes.leading_sum(jnp.asarray(x), lead),
+                               x.sum(axis=tuple(range(lead))), rtol=1e-12)
+    np.testing.assert_allclose(_probes.probe_mean(jnp.asarray(x)), x.mean(axis=0), rtol=1e-12)
+
+
+def test_leading_sum_bfloat16_in_float32():
+    """300 ones summed in bfloat16 would stop at 256, where adding one is lost to rounding."""
+    x = jnp.ones((300, 2), jnp.bfloat16)
+    total = _probes.leading_sum(x)
+    assert total.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(total, np.float32), [300.0, 300.0])
+    assert _probes.probe_mean(x).dtype == jnp.bfloat16
