@@ -197,7 +197,8 @@ class Composition:
         z_atoms = builder.inline(model_jaxpr.jaxpr, model_jaxpr.consts, invars[:n_model])
         silent = len(builder.nodes)
         outs = builder.inline(loss_jaxpr.jaxpr, loss_jaxpr.consts, z_atoms + invars[n_model:])
-        return Program(invars, builder.nodes, outs, silent), out_shape
+        program = Program(invars, builder.nodes, outs, silent)
+        return _fuse_chains(program), out_shape
 
 
 def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
@@ -215,12 +216,18 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
 
     closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
         *[flat_args[i] for i in traced])
-    program = build_program(closed)
+    program = _fuse_chains(build_program(closed))
     # Placeholder variables for the concrete leaves keep positions aligned with flat_args.
     invars = iter(program.invars)
     program.invars = [next(invars) if _is_array(x) else Var(-1 - i, None)
                       for i, x in enumerate(flat_args)]
     return program, out_shape
+
+
+def _fuse_chains(program: Program) -> Program:
+    from cpjax._chains import fuse_elementwise_chains  # imports this module
+
+    return fuse_elementwise_chains(program)
 
 
 def _is_array(x) -> bool:
