@@ -53,30 +53,49 @@ def fold(key, data):
     return jax.random.wrap_key_data(jnp.stack(new, axis=-1), impl=jax.random.key_impl(key))
 
 
-def _bits(key, n):
-    """Return `n` pseudo-random uint32 words: two rounds of the hash over a counter."""
+def _bits(key, n, salt=0):
+    """Return `n` pseudo-random uint32 words: two rounds of the hash over a counter.
+
+    Each `salt` gives its own stream; it enters the seed as a constant, so it adds no
+    operations to the compiled program.
+    """
     words = _words(key)
-    seed = words[0]
+    salt_word = _mix_constant(salt)
+    seed = words[0] ^ salt_word
     for word in words[1:]:
         seed = _mix(seed ^ word)
     counter = jnp.arange(n, dtype=jnp.uint32)
-    return _mix(_mix(counter * _GOLDEN ^ words[0]) + seed)
+    return _mix(_mix(counter * _GOLDEN ^ words[0] ^ salt_word) + seed)
 
 
-def _rademacher(key, shape, dtype):
+def _mix_constant(value: int):
+    """Return `_mix` of a Python integer as a NumPy uint32, computed at trace time."""
+    x = np.uint32(value * int(_GOLDEN) % 2**32)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * _MULTIPLY_1
+        x = x ^ (x >> np.uint32(15))
+        x = x * _MULTIPLY_2
+        return x ^ (x >> np.uint32(16))
+
+
+def _rademacher(key, shape, dtype, salt=0):
     """Return ±1 entries, 32 of them from each hashed 32-bit word."""
     n = math.prod(shape)
-    words = _bits(key, (n + 31) // 32)
+    words = _bits(key, (n + 31) // 32, salt)
     bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
     return (2 * bits.reshape(-1)[:n].astype(dtype) - 1).reshape(shape)
 
 
-def draw(key, shape, dtype, kind: str):
-    """Draw probes of `shape` and `dtype`: entries ±1 ("rademacher") or N(0, 1) ("gaussian")."""
+def draw(key, shape, dtype, kind: str, salt: int = 0):
+    """Draw probes of `shape` and `dtype`: entries ±1 ("rademacher") or N(0, 1) ("gaussian").
+
+    Each Python integer `salt` gives an independent draw from the same key.
+    """
     if kind == "rademacher":
-        return _rademacher(key, shape, dtype)
+        return _rademacher(key, shape, dtype, salt)
     if kind == "gaussian":
-        return jax.random.normal(key, shape, dtype=dtype)
+        return jax.random.normal(fold(key, salt) if salt else key, shape, dtype=dtype)
     raise ValueError(f"unknown probe {kind!r}; expected one of {PROBES}")
 
 

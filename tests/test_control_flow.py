@@ -296,7 +296,7 @@ def test_softmax_family_unbiased(name):
 
 
 # jax.nn.gelu is left out: JAX 0.10 emits its primitives inline, with no call to keep whole,
-# so there is no rule to compare (the chain fusion below keeps it whole instead).
+# so there is no rule to compare. cpjax fuses it into one call instead (tests/test_chains.py).
 INLINED_ACTIVATIONS = {
     "softplus": (jax.nn.softplus, lambda x: jnp.log1p(jnp.exp(-jnp.abs(x))) + jnp.maximum(x, 0)),
     "sigmoid": (jax.nn.sigmoid, lambda x: 1 / (1 + jnp.exp(-x))),
@@ -310,11 +310,15 @@ def test_activation_variance_not_worse_than_inlined(name, unfused):
     """The rule injects once per call; the inlined primitives inject once each."""
     rule, inlined = INLINED_ACTIVATIONS[name]
     x = jnp.linspace(-1.3, 1.1, 5)
-    rule_variance = sample_variance(cpjax.cp_hessian_diag(_activation_loss(rule)), (x,), 500, 3)
+    n = 2000
+    rule_variance = sample_variance(cpjax.cp_hessian_diag(_activation_loss(rule)), (x,), n, 3)
     inlined_variance = sample_variance(cpjax.cp_hessian_diag(_activation_loss(inlined)), (x,),
-                                       500, 3)
-    assert rule_variance.sum() <= inlined_variance.sum() * 1.05, (rule_variance,
-                                                                  inlined_variance)
+                                       n, 3)
+    # elu inlined has one nonlinear step, so both estimators are the same and only sampling
+    # error separates them: each summed variance is off by about sqrt(2 / n), z = 4 below.
+    slack = 1 + 4 * np.sqrt(2 / (n - 1)) * np.sqrt(2)
+    assert rule_variance.sum() <= inlined_variance.sum() * slack, (rule_variance,
+                                                                   inlined_variance)
 
 
 def _standardize_loss(normalize):

@@ -94,3 +94,14 @@ def test_leading_sum_bfloat16_in_float32():
     assert total.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(total, np.float32), [300.0, 300.0])
     assert _probes.probe_mean(x).dtype == jnp.bfloat16
+
+
+def test_salted_draws_uncorrelated():
+    key = _probes.fold(jax.random.key(10), 3)
+    draws = np.stack([np.asarray(_probes.draw(key, (4096,), jnp.float32, "rademacher", salt))
+                      for salt in range(8)])
+    correlation = draws @ draws.T / draws.shape[1]
+    off_diagonal = correlation[~np.eye(8, dtype=bool)]
+    assert np.max(np.abs(off_diagonal)) < Z / np.sqrt(draws.shape[1])
+    assert np.max(np.abs(draws.mean(axis=1))) < Z / np.sqrt(draws.shape[1])
+

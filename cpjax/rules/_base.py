@@ -72,8 +72,7 @@ class Context:
 
     def draw(self, shape, dtype, salt: int = 0):
         """Draw `num_samples` probes of `shape`, independent for each `salt`."""
-        key = _probes.fold(self.key, salt)
-        return _probes.draw(key, (self.num_samples, *shape), dtype, self.probe)
+        return _probes.draw(self.key, (self.num_samples, *shape), dtype, self.probe, salt)
 
 
 class Rule:
