@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 PROBES = ("rademacher", "gaussian")
 
@@ -28,12 +29,16 @@ _GOLDEN = np.uint32(0x9E3779B9)
 
 
 def _mix(x):
-    """Return a well-mixed 32-bit hash of each entry of the uint32 array `x`."""
-    x = x ^ (x >> 16)
-    x = x * _MULTIPLY_1
-    x = x ^ (x >> 15)
-    x = x * _MULTIPLY_2
-    return x ^ (x >> 16)
+    """Return a well-mixed 32-bit hash of each entry of the uint32 array `x`.
+
+    Written with `lax` operations: the `jnp` operators trace through a cached jit wrapper
+    each, and the sweep hashes at every equation that injects curvature.
+    """
+    x = lax.bitwise_xor(x, lax.shift_right_logical(x, np.uint32(16)))
+    x = lax.mul(x, _MULTIPLY_1)
+    x = lax.bitwise_xor(x, lax.shift_right_logical(x, np.uint32(15)))
+    x = lax.mul(x, _MULTIPLY_2)
+    return lax.bitwise_xor(x, lax.shift_right_logical(x, np.uint32(16)))
 
 
 def _words(key):
@@ -61,11 +66,12 @@ def _bits(key, n, salt=0):
     """
     words = _words(key)
     salt_word = _mix_constant(salt)
-    seed = words[0] ^ salt_word
+    seed = lax.bitwise_xor(words[0], salt_word)
     for word in words[1:]:
-        seed = _mix(seed ^ word)
-    counter = jnp.arange(n, dtype=jnp.uint32)
-    return _mix(_mix(counter * _GOLDEN ^ words[0] ^ salt_word) + seed)
+        seed = _mix(lax.bitwise_xor(seed, word))
+    counter = lax.iota(jnp.uint32, n)
+    start = lax.bitwise_xor(lax.mul(counter, _GOLDEN), lax.bitwise_xor(words[0], salt_word))
+    return _mix(lax.add(_mix(start), seed))
 
 
 def _mix_constant(value: int):
@@ -82,9 +88,12 @@ def _mix_constant(value: int):
 def _rademacher(key, shape, dtype, salt=0):
     """Return ±1 entries, 32 of them from each hashed 32-bit word."""
     n = math.prod(shape)
-    words = _bits(key, (n + 31) // 32, salt)
-    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    return (2 * bits.reshape(-1)[:n].astype(dtype) - 1).reshape(shape)
+    num_words = (n + 31) // 32
+    words = lax.broadcast_in_dim(_bits(key, num_words, salt), (num_words, 32), (0,))
+    shifts = lax.broadcasted_iota(jnp.uint32, (num_words, 32), 1)
+    bits = lax.bitwise_and(lax.shift_right_logical(words, shifts), np.uint32(1))
+    bits = lax.slice(bits.reshape(-1), (0,), (n,)).astype(dtype)
+    return lax.sub(lax.mul(bits, np.array(2, dtype)), np.array(1, dtype)).reshape(shape)
 
 
 def draw(key, shape, dtype, kind: str, salt: int = 0):
