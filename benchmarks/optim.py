@@ -285,7 +285,8 @@ TASK_FACTORIES = {"mlp": mlp_task, "cnn": cnn_task, "transformer": transformer_t
 # Methods
 
 
-def make_method(name: str, learning_rate: float, update_interval: int, task: Task):
+def make_method(name: str, learning_rate: float, update_interval: int, task: Task,
+                gamma: float = 0.01):
     """Build one method: return `(optimizer, update)`.
 
     `update(params, state, batch)` returns `(params, state, loss)` after one update.
@@ -293,12 +294,12 @@ def make_method(name: str, learning_rate: float, update_interval: int, task: Tas
     if name == "adam":
         opt = optax.adam(learning_rate)
     elif name == "sophia_h":
-        opt = optax.contrib.sophia(learning_rate, update_interval=update_interval)
+        opt = optax.contrib.sophia(learning_rate, update_interval=update_interval, gamma=gamma)
     elif name == "sophia_cp_estimator":
-        opt = optax.contrib.sophia(learning_rate, update_interval=update_interval,
+        opt = optax.contrib.sophia(learning_rate, update_interval=update_interval, gamma=gamma,
                                    hessian_diagonal_fn=cpjax.optax.cp_hessian_diag_estimator())
     elif name in ("cp_sophia", "cp_sophia_ggn"):
-        opt = cpjax.optax.cp_sophia(learning_rate, update_interval=update_interval)
+        opt = cpjax.optax.cp_sophia(learning_rate, update_interval=update_interval, gamma=gamma)
     elif name == "cp_adahessian":
         opt = cpjax.optax.cp_adahessian(learning_rate)
     else:
@@ -393,10 +394,11 @@ def crossing(xs, losses, target):
 
 
 def train_task(task: Task, methods, seeds, num_steps, eval_every, update_interval,
-               learning_rates, progress) -> tuple[dict, dict]:
+               learning_rates, progress, gamma=0.01) -> tuple[dict, dict]:
     """Train every method from every seed; return (runs by method, compile seconds)."""
     evaluate = jax.jit(task.loss)
-    built = {m: make_method(m, learning_rates[m], update_interval, task) for m in methods}
+    built = {m: make_method(m, learning_rates[m], update_interval, task, gamma)
+             for m in methods}
     rounds = {m: make_round(update) for m, (_, update) in built.items()}
     runs = {m: [] for m in methods}
     compile_seconds = {}
@@ -611,6 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--update-interval", type=int, default=10,
                         help="updates between two Hessian-diagonal estimates in both Sophias "
                              "(default 10, optax's default)")
+    parser.add_argument("--gamma", type=float, default=0.01,
+                        help="scale of the diagonal in every Sophia's denominator (default "
+                             "0.01, optax's default)")
     parser.add_argument("--lr", action="append", metavar="METHOD=VALUE",
                         help="learning rate of one method on every task; repeatable")
     parser.add_argument("--cost-repeats", type=int, default=20,
@@ -640,6 +645,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got "
                          f"{getattr(args, name)}")
+    if args.gamma <= 0:
+        parser.error(f"--gamma must be positive, got {args.gamma}")
     if args.steps is not None and args.steps < args.eval_every:
         parser.error(f"--steps must be at least --eval-every ({args.eval_every}), got "
                      f"{args.steps}")
@@ -667,7 +674,7 @@ def main(argv=None) -> None:
             progress(f"{name}: cost table done")
         runs, compile_seconds = train_task(task, args.methods, range(args.seeds), num_steps,
                                            args.eval_every, args.update_interval,
-                                           learning_rates, progress)
+                                           learning_rates, progress, args.gamma)
         results[name] = runs
         summaries[name] = (num_steps, summarize(runs, task.target_loss, compile_seconds,
                                                 learning_rates))
@@ -678,7 +685,8 @@ def main(argv=None) -> None:
         task = tasks[name]
         print(f"### {name}: {task.description}\n")
         print(f"Target training loss {task.target_loss}; {num_steps} updates; Sophia "
-              f"update_interval {args.update_interval}; medians over {args.seeds} seed(s).\n")
+              f"update_interval {args.update_interval}, gamma {args.gamma:g}; medians over "
+              f"{args.seeds} seed(s).\n")
         print(format_table(task, summary, num_steps))
         ratios = [time_ratio(summary, m) for m in ("cp_sophia", "cp_sophia_ggn")]
         if any(ratios):
@@ -701,7 +709,7 @@ def main(argv=None) -> None:
     record = {
         "command": command, "machine_at_start": machine_at_start,
         "machine_at_end": machine_at_end, "cpjax_source": describe_source(),
-        "wall_time_s": wall_time, "update_interval": args.update_interval,
+        "wall_time_s": wall_time, "update_interval": args.update_interval, "gamma": args.gamma,
         "tasks": {name: {"description": tasks[name].description,
                          "target_loss": tasks[name].target_loss, "num_steps": num_steps,
                          "summary": summary, "step_costs_ms": costs.get(name),
