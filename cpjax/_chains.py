@@ -6,7 +6,7 @@ probe draws. Inlined, CP injects four times into rows of `x`'s shape and carries
 back through every step. The whole chain is one elementwise function `y = φ(x)` with local
 curvature `ȳ φ''(x)`. Replaced by one jit call, which the composite elementwise rule
 handles, it injects once from the exact `φ''` and runs fewer, larger fusions. Where the
-steps' curvatures have opposite signs, they cancel before any probe sees them.
+steps' curvatures have opposite signs, the parts that cancel in `φ''` add no variance.
 
 A chain is fused when every equation in it is elementwise on arrays of one shape, its only
 variable input from outside the chain is `x` (other operands are scalar literals), only its
