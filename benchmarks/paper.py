@@ -547,6 +547,11 @@ def figure_error_vs_probes(record):
     ax.loglog(probe_counts, [first / math.sqrt(k) for k in probe_counts], "k:", lw=1,
               label=r"$\propto K^{-1/2}$")
     ax.set_xlabel("number of probes K")
+    return _finish_error_figure(fig, ax, record)
+
+
+def _finish_error_figure(fig, ax, record):
+    """Label the relative-error axis, add the setup as title, grid and legend; return `fig`."""
     ax.set_ylabel(r"$\|\bar d_K - d\|_2 \,/\, \|d\|_2$")
     ax.set_title(record["setup"], fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
@@ -570,12 +575,7 @@ def figure_error_vs_time(record):
     ax.axvline(one_probe[EXACT], color="k", linestyle="--", lw=1,
                label=f"{EXACT} (error 0), {one_probe[EXACT]:.3g} s")
     ax.set_xlabel("wall time of K probes (s): one call plus K - 1 extra probes")
-    ax.set_ylabel(r"$\|\bar d_K - d\|_2 \,/\, \|d\|_2$")
-    ax.set_title(record["setup"], fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish_error_figure(fig, ax, record)
 
 
 def figure_variance(record):

@@ -8,9 +8,10 @@ curvature `ȳ φ''(x)`. Replaced by one jit call, which the composite elementwis
 handles, it injects once from the exact `φ''` and runs fewer, larger fusions. Where the
 steps' curvatures have opposite signs, the parts that cancel in `φ''` add no variance.
 
-A chain is fused when every equation in it is elementwise on arrays of one shape, its only
-variable input from outside the chain is `x` (other operands are scalar literals), only its
-last output is used outside it, and it has at least two nonlinear equations.
+A chain is fused when four conditions hold. Every equation in it is elementwise on arrays of
+one shape. Its only variable input from outside the chain is `x`, and its other operands are
+scalar literals. Only its last output is used outside it. It has at least two nonlinear
+equations.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpjax._trace import Node, Program, Var, bind_node
+from cpjax._trace import Node, Program, Var, bind_node, variable_uses
 
 # Elementwise primitives whose local curvature is zero; the others in a chain count as
 # nonlinear. A product counts as linear when one operand is a literal.
@@ -30,11 +31,11 @@ _LINEAR = frozenset({
 
 def fuse_elementwise_chains(program: Program) -> Program:
     """Return `program` with each fusible elementwise chain replaced by one node."""
-    users = _users(program)
+    uses = variable_uses(program)
     fused = {}  # index of a chain's last node -> (its outside input, the chain)
     dropped = set()
     for x, chain in _groups(program):
-        if _worth_fusing(x, chain, users):
+        if _worth_fusing(x, chain, uses):
             fused[chain[-1].index] = (x, chain)
             dropped.update(node.index for node in chain[:-1])
     if not fused:
@@ -88,7 +89,7 @@ def _groups(program):
     return [(x, chain) for (x, _), chain in groups.items()]
 
 
-def _worth_fusing(x, chain, users) -> bool:
+def _worth_fusing(x, chain, uses) -> bool:
     """Check that `chain` reads only `x`, only its last output leaves it, and it is nonlinear."""
     if len(chain) < 2:
         return False
@@ -97,8 +98,8 @@ def _worth_fusing(x, chain, users) -> bool:
     if any(isinstance(a, Var) and a not in inside for node in chain for a in node.invars):
         return False
     for node in chain[:-1]:
-        uses = users.get(node.outvars[0], [])
-        if not uses or any(u is None or u not in members for u in uses):
+        readers = [user for user, _ in uses.get(node.outvars[0], [])]
+        if not readers or any(user is None or user.index not in members for user in readers):
             return False
     nonlinear = sum(1 for node in chain if _is_nonlinear(node))
     return nonlinear >= 2
@@ -110,19 +111,6 @@ def _is_nonlinear(node) -> bool:
     if node.primitive is lax.mul_p:
         return all(isinstance(a, Var) for a in node.invars)
     return True
-
-
-def _users(program) -> dict:
-    """Map each variable to the indices of the nodes that read it (None: a program output)."""
-    users = {}
-    for node in program.nodes:
-        for atom in node.invars:
-            if isinstance(atom, Var):
-                users.setdefault(atom, []).append(node.index)
-    for atom in program.outvars:
-        if isinstance(atom, Var):
-            users.setdefault(atom, []).append(None)
-    return users
 
 
 def _fused_node(x, chain) -> Node:

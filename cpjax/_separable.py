@@ -34,7 +34,7 @@ from jax import lax
 from jax.extend.core import primitives as prims
 
 from cpjax import _axes, _probes
-from cpjax._trace import Var, bind_node
+from cpjax._trace import Var, bind_node, variable_uses
 from cpjax.rules import Curvature
 
 # Single-use equations that only permute or relabel a parameter on its way to its use.
@@ -174,7 +174,7 @@ class SeparableLeaves:
     def build(cls, plan, positions, num_samples=1):
         """Return the separable sites of `plan`, or None when there are none."""
         axes = separable_classes(plan)
-        uses = _uses(plan.program)
+        uses = variable_uses(plan.program)
         sites = []
         for position in positions:
             site = _find_site(plan, axes, uses, position, num_samples)
@@ -227,18 +227,6 @@ class SeparableLeaves:
             var = self.plan.program.invars[position]
             return jnp.zeros(var.aval.shape, var.aval.dtype)
         return diag
-
-
-def _uses(program) -> dict:
-    uses = {}
-    for node in program.nodes:
-        for i, atom in enumerate(node.invars):
-            if isinstance(atom, Var):
-                uses.setdefault(atom, []).append((node, i))
-    for atom in program.outvars:
-        if isinstance(atom, Var):
-            uses.setdefault(atom, []).append((None, 0))
-    return uses
 
 
 def _find_site(plan, axes, uses, position, num_samples):

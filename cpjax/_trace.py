@@ -146,6 +146,19 @@ def build_program(closed_jaxpr) -> Program:
     return Program(invars, builder.nodes, outs)
 
 
+def variable_uses(program: Program) -> dict:
+    """Map each variable to its uses: `(node, input index)`, or `(None, 0)` for an output."""
+    uses = {}
+    for node in program.nodes:
+        for i, atom in enumerate(node.invars):
+            if isinstance(atom, Var):
+                uses.setdefault(atom, []).append((node, i))
+    for atom in program.outvars:
+        if isinstance(atom, Var):
+            uses.setdefault(atom, []).append((None, 0))
+    return uses
+
+
 def bind_node(node: Node, invals: list) -> list:
     """Evaluate one node on concrete or traced inputs and return its outputs as a list."""
     eqn = node.eqn
