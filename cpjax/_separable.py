@@ -436,29 +436,61 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
 
     Each example `b` of the one separable axis gets its own cotangent of `W`, which sums
     over the mixed axes within `b` (the positions of a sequence that a later attention
-    combines, say).
+    combines, say). The per-example cotangents come from one `dot_general` of the other
+    operand with the rows, batched over `b`, and stay in that product's axis order until
+    they are summed: only the sum, the size of `W`, is permuted into `W`'s axis order. The
+    VJP of `dot_general` permutes each example's cotangent instead, which took a third of a
+    probe's time on the suite's 10M-parameter transformer.
     """
-    i, out_axis = site.input_index, site.axes[0]
-    x = vals[1 - i]
-    x_axis = next(k for k, target in enumerate(_axes.axis_map(node, 1 - i))
-                  if target == (0, out_axis))
+    i = site.input_index
     dtype = node.outvars[0].aval.dtype
+    x = vals[1 - i].astype(dtype)
+    dims, order, probe_axis = _per_example_dims(node, i, site.axes[0])
 
-    def weight_cotangent(x_b, ct_b):
-        operands = [None, None]
-        operands[1 - i] = jnp.expand_dims(x_b, x_axis)
+    def per_example(rows):  # (b, W batch..., W contracting..., probes, W free...)
+        return lax.dot_general(x, rows.astype(dtype), dims)
 
-        def product(w):
-            operands[i] = w
-            return bind_node(node, operands)[0]
+    t_w = per_example(t)
+    u_w = t_w if u is t else per_example(u)
+    prod = jnp.moveaxis(t_w * u_w, probe_axis, 0)
+    diag = (_probes.leading_sum(prod, 2) / t.shape[0]).astype(dtype)
+    return jnp.transpose(diag, _inverse_permutation(order))
 
-        ct_one = jnp.expand_dims(ct_b, out_axis).astype(dtype)
-        return jax.vjp(product, vals[i])[1](ct_one)[0]
 
-    per_example = jax.vmap(weight_cotangent, in_axes=(x_axis, out_axis))
-    per_probe = jax.vmap(per_example, in_axes=(None, 0))
-    t_w, u_w = per_probe(x, t), per_probe(x, u)
-    return _probes.leading_sum(t_w * u_w, 2) / t.shape[0]
+def _free_axes(node, i):
+    """Axes of operand `i` of a `dot_general` that are neither batch nor contracting."""
+    (contract_l, contract_r), (batch_l, batch_r) = node.params["dimension_numbers"]
+    contract, batch = (contract_l, batch_l) if i == 0 else (contract_r, batch_r)
+    return [a for a in range(node.invars[i].aval.ndim) if a not in contract and a not in batch]
+
+
+def _per_example_dims(node, i, out_axis):
+    """Dimension numbers of `dot_general(x, rows)` giving per-example cotangents of `W`.
+
+    `W` is operand `i` and `x` the other one; `rows` has a leading probe axis before the
+    output's axes, and `out_axis` is the separable output axis, a free axis of `x`. Returns
+    the dimension numbers, `order` (the axis of `W` at each position of the result after
+    the example axis, the probe axis left out) and the probe axis of the result.
+    """
+    (contract_l, contract_r), (batch_l, batch_r) = node.params["dimension_numbers"]
+    w_contract, x_contract = (contract_l, contract_r) if i == 0 else (contract_r, contract_l)
+    w_batch, x_batch = (batch_l, batch_r) if i == 0 else (batch_r, batch_l)
+    x_free = _free_axes(node, 1 - i)
+    w_free = _free_axes(node, i)
+    # Output positions: batch axes, then the free axes of the left operand, then the right's.
+    n_batch = len(batch_l)
+    lhs_free = _free_axes(node, 0)
+    x_out = [n_batch + k if i == 1 else n_batch + len(lhs_free) + k for k in range(len(x_free))]
+    example = x_out.index(out_axis)
+    x_sum = [a for k, a in enumerate(x_free) if k != example]
+    rows_sum = [x_out[k] + 1 for k in range(len(x_free)) if k != example]
+    dims = ((tuple(x_sum), tuple(rows_sum)),
+            ((x_free[example], *x_batch), (out_axis + 1, *(b + 1 for b in range(n_batch)))))
+    # Result: example, W's batch axes, x's contracting axes in x's order (paired with W's),
+    # then the rows' remaining axes in order: the probes, then W's free axes.
+    pair = dict(zip(x_contract, w_contract, strict=True))
+    order = [*w_batch, *(pair[a] for a in sorted(x_contract)), *w_free]
+    return dims, order, 1 + len(w_batch) + len(w_contract)
 
 
 def _dot_general_diagonal(node, site, vals, t, u):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cpjax
-from cpjax import _separable
+from cpjax import _axes, _separable
 from cpjax._api import _diff_positions
 from cpjax._separable import SeparableLeaves
 from cpjax._sweep import make_plan
@@ -349,3 +349,48 @@ def test_conv_patches_match_vjp(config, symmetric):
     want = _separable._conv_per_example_by_vjp(node, [x, w], t, u)
     assert got.shape == w.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+# (x shape, W shape, dimension numbers, W's operand index, separable output axis)
+_DOT_CONFIGS = [
+    ((3, 5, 4), (4, 6), (((2,), (0,)), ((), ())), 1, 0),
+    ((3, 5, 4), (6, 4), (((1,), (2,)), ((), ())), 0, 1),
+    ((2, 3, 5, 4), (2, 4, 6), (((3,), (1,)), ((0,), (0,))), 1, 1),
+    ((3, 5, 2, 4), (2, 4, 6), (((2, 3), (0, 1)), ((), ())), 1, 0),
+    ((3, 4, 5, 2), (6, 2, 4), (((1, 2), (3, 1)), ((), ())), 0, 1),
+]
+
+
+@pytest.mark.parametrize("config", range(len(_DOT_CONFIGS)))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dot_per_example_matches_loop(config, symmetric):
+    """The per-example product equals a loop over examples of the weight's own VJP."""
+    x_shape, w_shape, dims, w_index, out_axis = _DOT_CONFIGS[config]
+    k = jax.random.split(jax.random.key(config), 3)
+    x = jax.random.normal(k[0], x_shape)
+    w = jax.random.normal(k[1], w_shape)
+
+    def product(x, w):
+        operands = (w, x) if w_index == 0 else (x, w)
+        return jax.lax.dot_general(*operands, dims)
+
+    program, _ = trace_program(product, [x, w], jax.tree_util.tree_structure((x, w)))
+    (node,) = program.nodes
+    rows = jax.random.normal(k[2], (4, *node.outvars[0].aval.shape))
+    t, u = (rows, rows) if symmetric else (rows[:2], rows[2:])
+    site = _separable._Site(1, node, w_index, [], (out_axis,), ())
+    vals = [w, x] if w_index == 0 else [x, w]
+    got = _separable._dot_per_example_diagonal(node, site, vals, t, u)
+
+    x_axis = next(a for a, target in enumerate(_axes.axis_map(node, 1 - w_index))
+                  if target == (0, out_axis))
+    want = np.zeros(w_shape)
+    for b in range(x_shape[x_axis]):
+        x_b = jax.lax.slice_in_dim(x, b, b + 1, axis=x_axis)
+        _, vjp = jax.vjp(lambda w, x_b=x_b: product(x_b, w), w)
+        for t_k, u_k in zip(t, u, strict=True):
+            t_w = vjp(jax.lax.slice_in_dim(t_k, b, b + 1, axis=out_axis))[0]
+            u_w = vjp(jax.lax.slice_in_dim(u_k, b, b + 1, axis=out_axis))[0]
+            want += np.asarray(t_w * u_w) / len(t)
+    assert got.shape == w.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
