@@ -328,8 +328,12 @@ _CONV_CONFIGS = [
 
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("config", range(len(_CONV_CONFIGS)))
-def test_conv_patches_match_vjp(config, symmetric):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_conv_patches_match_vjp(config, symmetric, chunked, monkeypatch):
     """The batched product of patches equals the vmapped kernel VJP for each layout."""
+    if chunked:  # the loop over chunks of examples, here one example at a time
+        monkeypatch.setattr(_separable, "CHUNK_ABOVE", 1)
+        monkeypatch.setattr(_separable, "CHUNK_ENTRIES", 1)
     x_shape, w_shape, specs, strides, padding, lhs_dil, rhs_dil = _CONV_CONFIGS[config]
     k = jax.random.split(jax.random.key(config), 3)
     x = jax.random.normal(k[0], x_shape)
@@ -363,8 +367,12 @@ _DOT_CONFIGS = [
 
 @pytest.mark.parametrize("config", range(len(_DOT_CONFIGS)))
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dot_per_example_matches_loop(config, symmetric):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dot_per_example_matches_loop(config, symmetric, chunked, monkeypatch):
     """The per-example product equals a loop over examples of the weight's own VJP."""
+    if chunked:  # the loop over chunks of examples, here one example at a time
+        monkeypatch.setattr(_separable, "CHUNK_ABOVE", 1)
+        monkeypatch.setattr(_separable, "CHUNK_ENTRIES", 1)
     x_shape, w_shape, dims, w_index, out_axis = _DOT_CONFIGS[config]
     k = jax.random.split(jax.random.key(config), 3)
     x = jax.random.normal(k[0], x_shape)
@@ -394,3 +402,30 @@ def test_dot_per_example_matches_loop(config, symmetric):
             want += np.asarray(t_w * u_w) / len(t)
     assert got.shape == w.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("case", ["cnn", "attention"])
+def test_chunked_per_example_same_estimate(case, monkeypatch):
+    """Chunks of examples give the same estimate for the same key, under vmap and grad."""
+    if case == "cnn":
+        x, labels = cnn_data()
+        loss, params, data = cnn_loss, cnn_params(), (x, labels)
+    else:
+        params, x = attention_args()
+        loss, data = attention_then_mlp, (x,)
+    keys = jax.random.split(jax.random.key(7), 3)
+
+    def estimates():
+        estimator = cpjax.cp_hessian_diag(loss, num_samples=2)
+        by_key = jax.vmap(lambda k: estimator(params, *data, key=k))(keys)
+        total = jax.grad(lambda x: sum(jnp.sum(d) for d in jax.tree_util.tree_leaves(
+            estimator(params, x, *data[1:], key=keys[0]))))(data[0])
+        return by_key, total
+
+    whole = estimates()
+    monkeypatch.setattr(_separable, "CHUNK_ABOVE", 1)
+    monkeypatch.setattr(_separable, "CHUNK_ENTRIES", 1)
+    chunked = estimates()
+    for got, want in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
