@@ -377,7 +377,7 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
         return jnp.sum(t_w * u_w, axis=(0, 1))
 
     in_window = w.shape[specs.rhs_spec[1]] * math.prod(w.shape[a] for a in specs.rhs_spec[2:])
-    size = _example_chunk(batch, num_rows * features * in_window)
+    size = _example_chunk(batch, num_rows * features * in_window, rows[:, 0].size)
     if size == batch:
         prod = chunk_sum(x, rows)
     else:
@@ -394,17 +394,23 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
     return jnp.transpose(canonical, _inverse_permutation(specs.rhs_spec)).astype(w.dtype)
 
 
-# Per-example cotangents of more than CHUNK_ABOVE entries in all are formed in a loop over
-# chunks of examples, each of at most CHUNK_ENTRIES entries where the batch size allows. In a
-# micro-benchmark on two CPU cores, chunks ran the convolution kernel products of 10 and 100
-# probes 1.8 to 4 times faster. Below CHUNK_ABOVE they ran up to 4 times slower.
+# Per-example cotangents of more than CHUNK_ABOVE entries in all, each larger than the
+# example's rows, are formed in a loop over chunks of examples, each chunk of at most
+# CHUNK_ENTRIES entries where the batch size allows. On two CPU cores, chunks ran the
+# convolution kernel products of 10 and 100 probes 1.8 to 4 times faster. Where the rows
+# were the larger array (a first layer's kernel, with few input channels), the loop made a
+# whole CNN probe 20 % slower, as the rows had to be stored for it.
 CHUNK_ABOVE = 2**22
 CHUNK_ENTRIES = 2**21
 
 
-def _example_chunk(batch, per_example):
-    """Return how many examples to process at once: `batch`, or a divisor of it."""
-    if batch * per_example <= CHUNK_ABOVE:
+def _example_chunk(batch, per_example, rows_per_example):
+    """Return how many examples to process at once: `batch`, or a divisor of it.
+
+    `per_example` counts the entries of one example's cotangents, for every row, and
+    `rows_per_example` those of its rows.
+    """
+    if batch * per_example <= CHUNK_ABOVE or per_example <= rows_per_example:
         return batch
     fitting = max(1, CHUNK_ENTRIES // per_example)
     return max(d for d in range(1, min(batch, fitting) + 1) if batch % d == 0)
@@ -493,7 +499,7 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
     x = vals[1 - i]
     batch = x.shape[x_axis]
     num_rows = t.shape[0] if u is t else t.shape[0] + u.shape[0]
-    size = _example_chunk(batch, num_rows * vals[i].size)
+    size = _example_chunk(batch, num_rows * vals[i].size, num_rows * t[0].size // batch)
     if size == batch:
         total = chunk_sum(x, t, u)
     else:

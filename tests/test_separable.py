@@ -332,8 +332,7 @@ _CONV_CONFIGS = [
 def test_conv_patches_match_vjp(config, symmetric, chunked, monkeypatch):
     """The batched product of patches equals the vmapped kernel VJP for each layout."""
     if chunked:  # the loop over chunks of examples, here one example at a time
-        monkeypatch.setattr(_separable, "CHUNK_ABOVE", 1)
-        monkeypatch.setattr(_separable, "CHUNK_ENTRIES", 1)
+        monkeypatch.setattr(_separable, "_example_chunk", lambda batch, *sizes: 1)
     x_shape, w_shape, specs, strides, padding, lhs_dil, rhs_dil = _CONV_CONFIGS[config]
     k = jax.random.split(jax.random.key(config), 3)
     x = jax.random.normal(k[0], x_shape)
@@ -371,8 +370,7 @@ _DOT_CONFIGS = [
 def test_dot_per_example_matches_loop(config, symmetric, chunked, monkeypatch):
     """The per-example product equals a loop over examples of the weight's own VJP."""
     if chunked:  # the loop over chunks of examples, here one example at a time
-        monkeypatch.setattr(_separable, "CHUNK_ABOVE", 1)
-        monkeypatch.setattr(_separable, "CHUNK_ENTRIES", 1)
+        monkeypatch.setattr(_separable, "_example_chunk", lambda batch, *sizes: 1)
     x_shape, w_shape, dims, w_index, out_axis = _DOT_CONFIGS[config]
     k = jax.random.split(jax.random.key(config), 3)
     x = jax.random.normal(k[0], x_shape)
@@ -423,9 +421,18 @@ def test_chunked_per_example_same_estimate(case, monkeypatch):
         return by_key, total
 
     whole = estimates()
-    monkeypatch.setattr(_separable, "CHUNK_ABOVE", 1)
-    monkeypatch.setattr(_separable, "CHUNK_ENTRIES", 1)
+    monkeypatch.setattr(_separable, "_example_chunk", lambda batch, *sizes: 1)
     chunked = estimates()
     for got, want in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(whole),
                          strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_example_chunk_sizes():
+    """Large cotangents larger than their rows run in chunks that divide the batch."""
+    limit = _separable.CHUNK_ABOVE
+    assert _separable._example_chunk(8, limit // 8, 1) == 8
+    assert _separable._example_chunk(64, limit, limit) == 64
+    assert _separable._example_chunk(64, _separable.CHUNK_ENTRIES // 6, 1) == 4
+    assert _separable._example_chunk(7, _separable.CHUNK_ENTRIES // 3, 1) == 1
+    assert _separable._example_chunk(4, 4 * limit, 1) == 1
