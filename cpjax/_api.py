@@ -349,10 +349,8 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       the layers after the last attention. A convolution kernel whose spatial positions
       interact downstream (a flatten into a dense layer), or a matrix product that also
       contracts over a mixed axis (a sequence axis before an attention), gets per-example
-      cotangents over its batch axis instead, when `K · parameter size` is at most
-      `cpjax._separable.PER_EXAMPLE_LIMIT` (`K · batch · parameter size` for a grouped
-      convolution). Above it, the ordinary product. Large batches are processed in chunks
-      of examples, so memory stays near one chunk's cotangents.
+      cotangents over its batch axis instead, when `K · batch · parameter size` is at
+      most `cpjax._separable.PER_EXAMPLE_LIMIT`. Above it, the ordinary product.
 
     Args:
       fun: function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).

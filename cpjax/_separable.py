@@ -256,7 +256,9 @@ def _find_site(plan, axes, uses, position, num_samples):
     if not separable:
         return None
     if node.primitive is lax.dot_general_p and other and not (
-            len(separable) == 1 and num_samples * node.invars[i].aval.size <= PER_EXAMPLE_LIMIT):
+            len(separable) == 1
+            and num_samples * out.aval.shape[separable[0]] * node.invars[i].aval.size
+            <= PER_EXAMPLE_LIMIT):
         return None
     if node.primitive is lax.conv_general_dilated_p and other and not _fits_per_example(
             node, i, out, num_samples):
@@ -264,12 +266,9 @@ def _find_site(plan, axes, uses, position, num_samples):
     return _Site(position, node, i, chain, separable, other)
 
 
-# Largest K·|W| for which a parameter's per-example cotangents are formed (a convolution
-# kernel, or a matrix product that also contracts over a mixed axis). Above it the parameter
-# keeps the ordinary product. Large batches run in chunks of examples (`_example_chunk`), so
-# one example's cotangents bound the memory: in float32, 256 MiB for T and as much for U. A
-# grouped convolution forms every example's cotangents at once, so there the limit is on
-# K·B·|W|.
+# Largest K·B·|W| for which a parameter's per-example cotangents are formed (a convolution
+# kernel, or a matrix product that also contracts over a mixed axis); above it the parameter
+# keeps the ordinary product (float32: 256 MiB for T and as much for U).
 PER_EXAMPLE_LIMIT = 2**26
 
 
@@ -277,11 +276,9 @@ def _fits_per_example(node, i, out, num_samples):
     """Return whether per-example kernel cotangents for the batch axis fit the size limit."""
     if i != 1 or node.params["batch_group_count"] != 1:
         return False
+    batch = out.aval.shape[node.params["dimension_numbers"].out_spec[0]]
     kernel = node.invars[1].aval.size
-    if node.params["feature_group_count"] != 1:
-        batch = out.aval.shape[node.params["dimension_numbers"].out_spec[0]]
-        return num_samples * batch * kernel <= PER_EXAMPLE_LIMIT
-    return num_samples * kernel <= PER_EXAMPLE_LIMIT
+    return num_samples * batch * kernel <= PER_EXAMPLE_LIMIT
 
 
 def _adds_unit_axes(node) -> bool:

@@ -167,7 +167,7 @@ def test_analysis_sequence_axis_per_example(monkeypatch):
     over the batch axis, or keeps the ordinary product above the size limit."""
     args = sequence_args()
     assert separable_sites(sequence_mix, args) == {"[0]['w']": (0,)}
-    monkeypatch.setattr(_separable, "PER_EXAMPLE_LIMIT", 9 - 1)
+    monkeypatch.setattr(_separable, "PER_EXAMPLE_LIMIT", 2 * 9 - 1)
     assert separable_sites(sequence_mix, args) == {}
 
 
