@@ -350,7 +350,8 @@ def cp_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rade
       interact downstream (a flatten into a dense layer), or a matrix product that also
       contracts over a mixed axis (a sequence axis before an attention), gets per-example
       cotangents over its batch axis instead, when `K · batch · parameter size` is at
-      most `cpjax._separable.PER_EXAMPLE_LIMIT`. Above it, the ordinary product.
+      most `cpjax._separable.PER_EXAMPLE_LIMIT`. Above it, the ordinary product. Large
+      per-example products run over chunks of examples, one chunk at a time.
 
     Args:
       fun: function returning a real scalar (or `(scalar, aux)` with `has_aux=True`).
