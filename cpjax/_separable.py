@@ -384,9 +384,9 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
         def body(total, start):
             x_chunk = lax.dynamic_slice_in_dim(x, start, size, axis=specs.lhs_spec[0])
             rows_chunk = lax.dynamic_slice_in_dim(rows, start, size, axis=1)
-            return total + chunk_sum(x_chunk, rows_chunk), None
+            return total + chunk_sum(x_chunk, rows_chunk).astype(total.dtype), None
 
-        zeros = jnp.zeros((features, in_window), dtype)
+        zeros = jnp.zeros((features, in_window), _sum_dtype(dtype))
         prod, _ = lax.scan(body, zeros, jnp.arange(0, batch, size))
     prod = prod / half
     # (out features, in features, window...) in the kernel's own axis order
@@ -402,6 +402,11 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
 # whole CNN probe 20 % slower, as the rows had to be stored for it.
 CHUNK_ABOVE = 2**22
 CHUNK_ENTRIES = 2**21
+
+
+def _sum_dtype(dtype):
+    """Return the dtype that sums over chunks accumulate in: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _example_chunk(batch, per_example, rows_per_example):
@@ -508,10 +513,10 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
             t_chunk = lax.dynamic_slice_in_dim(t, start, size, axis=out_axis + 1)
             u_chunk = t_chunk if u is t else lax.dynamic_slice_in_dim(
                 u, start, size, axis=out_axis + 1)
-            return total + chunk_sum(x_chunk, t_chunk, u_chunk), None
+            return total + chunk_sum(x_chunk, t_chunk, u_chunk).astype(total.dtype), None
 
-        shape = [vals[i].shape[a] for a in order]
-        total, _ = lax.scan(body, jnp.zeros(shape, dtype), jnp.arange(0, batch, size))
+        zeros = jnp.zeros([vals[i].shape[a] for a in order], _sum_dtype(dtype))
+        total, _ = lax.scan(body, zeros, jnp.arange(0, batch, size))
     diag = (total / t.shape[0]).astype(dtype)
     return jnp.transpose(diag, _inverse_permutation(order))
 

@@ -429,10 +429,38 @@ def test_chunked_per_example_same_estimate(case, monkeypatch):
 
 
 def test_example_chunk_sizes():
-    """Large cotangents larger than their rows run in chunks that divide the batch."""
+    """Cotangents above the size threshold and larger than their rows run in chunks."""
     limit = _separable.CHUNK_ABOVE
     assert _separable._example_chunk(8, limit // 8, 1) == 8
     assert _separable._example_chunk(64, limit, limit) == 64
     assert _separable._example_chunk(64, _separable.CHUNK_ENTRIES // 6, 1) == 4
     assert _separable._example_chunk(7, _separable.CHUNK_ENTRIES // 3, 1) == 1
     assert _separable._example_chunk(4, 4 * limit, 1) == 1
+
+
+def test_chunked_per_example_bfloat16(monkeypatch):
+    """Chunks of bfloat16 cotangents are summed in float32 and returned in bfloat16."""
+    monkeypatch.setattr(_separable, "_example_chunk", lambda batch, *sizes: 1)
+    x_shape, w_shape, dims, w_index, out_axis = _DOT_CONFIGS[0]
+    k = jax.random.split(jax.random.key(11), 3)
+    x = jax.random.normal(k[0], (256, *x_shape[1:]))
+    w = jax.random.normal(k[1], w_shape)
+
+    def product(x, w):
+        return jax.lax.dot_general(x, w, dims)
+
+    program, _ = trace_program(product, [x, w], jax.tree_util.tree_structure((x, w)))
+    (node,) = program.nodes
+    rows = jnp.abs(jax.random.normal(k[2], (2, *node.outvars[0].aval.shape)))
+    site = _separable._Site(1, node, w_index, [], (out_axis,), ())
+    want = _separable._dot_per_example_diagonal(node, site, [x, w], rows[:1], rows[1:])
+
+    low = jnp.bfloat16
+    program, _ = trace_program(product, [x.astype(low), w.astype(low)],
+                               jax.tree_util.tree_structure((x, w)))
+    (node,) = program.nodes
+    rows = rows.astype(low)
+    got = _separable._dot_per_example_diagonal(
+        node, site, [x.astype(low), w.astype(low)], rows[:1], rows[1:])
+    assert got.dtype == low
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2)
