@@ -451,6 +451,29 @@ def _patches(node, x):
     return jnp.swapaxes(patches, 1, 2)
 
 
+def conv_kernel_rows(node, vals, rows):
+    """Return the kernel cotangent of each row of output cotangents, `(rows, *kernel shape)`.
+
+    Equal to a vmapped VJP of the convolution with respect to its kernel (ungrouped), but
+    written as one matrix product of the rows with the input patches over the examples and
+    output positions. XLA's CPU backend ran the vmapped VJP 1.5 to 2 times slower, after
+    moving the rows into the kernel's feature axis.
+    """
+    x, w = vals
+    specs = node.params["dimension_numbers"]
+    dtype = node.outvars[0].aval.dtype
+    patches = _patches(node, x.astype(dtype))  # (batch, positions, in features · window)
+    out_batch, out_features, *out_spatial = (a + 1 for a in specs.out_spec)
+    rows = jnp.transpose(rows, (0, out_batch, *out_spatial, out_features))
+    rows = rows.reshape(rows.shape[0], -1, rows.shape[-1]).astype(dtype)
+    patches = patches.reshape(-1, patches.shape[-1])
+    kernels = lax.dot_general(rows, patches, (((1,), (0,)), ((), ())))  # (rows, out, in · window)
+    # (rows, out features, in features, window...), then the kernel's own axis order
+    canonical = kernels.reshape(*kernels.shape[:2], -1, *(w.shape[a] for a in specs.rhs_spec[2:]))
+    order = _inverse_permutation(specs.rhs_spec)
+    return jnp.transpose(canonical, (0, *(a + 1 for a in order))).astype(w.dtype)
+
+
 def _inverse_permutation(perm):
     inverse = [0] * len(perm)
     for i, p in enumerate(perm):

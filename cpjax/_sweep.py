@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpjax import _analysis, _probes
+from cpjax import _analysis, _probes, _separable
 from cpjax._errors import CurvatureError
 from cpjax._trace import Program, Var, bind_node
 from cpjax.rules import Context, Curvature, StaticInfo, StructuredRule, rule_for
@@ -263,7 +263,8 @@ def _visit(state: _SweepState, node, linearized):
     if targets and any(t is not None for t in tu):
         tu_full = [_zeros_rows(state.n_rows, env[v]) if t is None else t
                    for v, t in zip(float_vars, tu, strict=True)]
-        in_rows = jax.vmap(vjp_fn)(tu_full)
+        in_rows = _conv_kernel_rows(node, vals, dep_idx, targets, tu_full,
+                                    jax.vmap(vjp_fn)(tu_full))
     for k, i in enumerate(dep_idx):
         state.grads.add(node.invars[i], in_grads[k])
         if k in targets:
@@ -277,6 +278,23 @@ def _visit(state: _SweepState, node, linearized):
             state.rows.add(node.invars[i], fv)
         else:
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
+
+
+def _conv_kernel_rows(node, vals, dep_idx, targets, tu_full, in_rows):
+    """Form the kernel rows of an ungrouped convolution from its input patches.
+
+    The vmapped VJP's kernel rows are then unused, and XLA removes them.
+    """
+    if (node.primitive is not lax.conv_general_dilated_p or 1 not in dep_idx
+            or node.params["feature_group_count"] != 1
+            or node.params["batch_group_count"] != 1):
+        return in_rows
+    k = dep_idx.index(1)
+    if k not in targets:
+        return in_rows
+    in_rows = list(in_rows)
+    in_rows[k] = _separable.conv_kernel_rows(node, vals, tu_full[0])
+    return in_rows
 
 
 def _call_rule(node, call):
