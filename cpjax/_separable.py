@@ -394,8 +394,8 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
     return jnp.transpose(canonical, _inverse_permutation(specs.rhs_spec)).astype(w.dtype)
 
 
-# Per-example cotangents of more than CHUNK_ABOVE entries in all, each larger than the
-# example's rows, are formed in a loop over chunks of examples, each chunk of at most
+# Per-example cotangents of more than CHUNK_ABOVE entries in all are formed in a loop over
+# chunks of examples when each is larger than its example's rows. A chunk has at most
 # CHUNK_ENTRIES entries where the batch size allows. On two CPU cores, chunks ran the
 # convolution kernel products of 10 and 100 probes 1.8 to 4 times faster. Where the rows
 # were the larger array (a first layer's kernel, with few input channels), the loop made a
@@ -454,10 +454,9 @@ def _patches(node, x):
 def conv_kernel_rows(node, vals, rows):
     """Return the kernel cotangent of each row of output cotangents, `(rows, *kernel shape)`.
 
-    Equal to a vmapped VJP of the convolution with respect to its kernel (ungrouped), but
-    written as one matrix product of the rows with the input patches over the examples and
-    output positions. XLA's CPU backend ran the vmapped VJP 1.5 to 2 times slower, after
-    moving the rows into the kernel's feature axis.
+    The result equals a vmapped VJP of an ungrouped convolution with respect to its kernel.
+    It is one matrix product of the rows with the input patches, over the examples and the
+    output positions. XLA's CPU backend ran the vmapped VJP 1.5 to 2 times slower.
     """
     x, w = vals
     specs = node.params["dimension_numbers"]
