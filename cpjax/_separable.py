@@ -357,10 +357,7 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
         k = rows.shape[0] if symmetric else rows.shape[0] // 2
         return _conv_per_example_by_vjp(node, vals, rows[:k], rows[-k:])
     dtype = node.outvars[0].aval.dtype
-    # (rows, batch, positions, out features): no copy for an output with features last
-    out_batch, out_features, *out_spatial = (a + 1 for a in specs.out_spec)
-    rows = jnp.transpose(rows, (0, out_batch, *out_spatial, out_features))
-    rows = rows.reshape(*rows.shape[:2], -1, rows.shape[-1]).astype(dtype)
+    rows = _rows_by_position(node, rows).astype(dtype)
     num_rows, batch, _, features = rows.shape
     half = num_rows if symmetric else num_rows // 2
 
@@ -421,6 +418,17 @@ def _example_chunk(batch, per_example, rows_per_example):
     return max(d for d in range(1, min(batch, fitting) + 1) if batch % d == 0)
 
 
+def _rows_by_position(node, rows):
+    """Return a convolution's output rows as `(rows, batch, output positions, out features)`.
+
+    An output with its features last, such as NHWC, needs no copy.
+    """
+    specs = node.params["dimension_numbers"]
+    out_batch, out_features, *out_spatial = (a + 1 for a in specs.out_spec)
+    rows = jnp.transpose(rows, (0, out_batch, *out_spatial, out_features))
+    return rows.reshape(*rows.shape[:2], -1, rows.shape[-1])
+
+
 def _patches(node, x):
     """Return each example's input patches, `(batch, output positions, in features · window)`.
 
@@ -462,9 +470,8 @@ def conv_kernel_rows(node, vals, rows):
     specs = node.params["dimension_numbers"]
     dtype = node.outvars[0].aval.dtype
     patches = _patches(node, x.astype(dtype))  # (batch, positions, in features · window)
-    out_batch, out_features, *out_spatial = (a + 1 for a in specs.out_spec)
-    rows = jnp.transpose(rows, (0, out_batch, *out_spatial, out_features))
-    rows = rows.reshape(rows.shape[0], -1, rows.shape[-1]).astype(dtype)
+    rows = _rows_by_position(node, rows).astype(dtype)
+    rows = rows.reshape(rows.shape[0], -1, rows.shape[-1])
     patches = patches.reshape(-1, patches.shape[-1])
     kernels = lax.dot_general(rows, patches, (((1,), (0,)), ((), ())))  # (rows, out, in · window)
     # (rows, out features, in features, window...), then the kernel's own axis order
