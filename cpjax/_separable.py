@@ -393,10 +393,12 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
 
 # Per-example cotangents of more than CHUNK_ABOVE entries in all are formed in a loop over
 # chunks of examples when each is larger than its example's rows. A chunk has at most
-# CHUNK_ENTRIES entries where the batch size allows. On two CPU cores, chunks ran the
-# convolution kernel products of 10 and 100 probes 1.8 to 4 times faster. Where the rows
-# were the larger array (a first layer's kernel, with few input channels), the loop made a
-# whole CNN probe 20 % slower, as the rows had to be stored for it.
+# CHUNK_ENTRIES entries where the batch size allows. In a micro-benchmark on two CPU cores,
+# chunks ran the convolution kernel products of 10 and 100 probes 1.8 to 4 times faster.
+# Where the rows were the larger array (a first layer's kernel, with few input channels),
+# the loop made a whole CNN probe 20 % slower, because the rows had to be stored for it.
+# NOTE: both thresholds were measured on a CPU only. On an accelerator the loop may cost
+# more than it saves.
 CHUNK_ABOVE = 2**22
 CHUNK_ENTRIES = 2**21
 

@@ -263,8 +263,8 @@ def _visit(state: _SweepState, node, linearized):
     if targets and any(t is not None for t in tu):
         tu_full = [_zeros_rows(state.n_rows, env[v]) if t is None else t
                    for v, t in zip(float_vars, tu, strict=True)]
-        in_rows = _conv_kernel_rows(node, vals, dep_idx, targets, tu_full,
-                                    jax.vmap(vjp_fn)(tu_full))
+        in_rows = _replace_conv_kernel_rows(node, vals, dep_idx, targets, tu_full,
+                                            jax.vmap(vjp_fn)(tu_full))
     for k, i in enumerate(dep_idx):
         state.grads.add(node.invars[i], in_grads[k])
         if k in targets:
@@ -280,10 +280,10 @@ def _visit(state: _SweepState, node, linearized):
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
 
 
-def _conv_kernel_rows(node, vals, dep_idx, targets, tu_full, in_rows):
-    """Form the kernel rows of an ungrouped convolution from its input patches.
+def _replace_conv_kernel_rows(node, vals, dep_idx, targets, tu_full, in_rows):
+    """Replace the kernel rows of an ungrouped convolution with a product of input patches.
 
-    The vmapped VJP's kernel rows are then unused, and XLA removes them.
+    The vmapped VJP's kernel rows are then unused, so XLA removes them.
     """
     if (node.primitive is not lax.conv_general_dilated_p or 1 not in dep_idx
             or node.params["feature_group_count"] != 1

@@ -331,7 +331,7 @@ _CONV_CONFIGS = [
 @pytest.mark.parametrize("chunked", [False, True])
 def test_conv_patches_match_vjp(config, symmetric, chunked, monkeypatch):
     """The batched product of patches equals the vmapped kernel VJP for each layout."""
-    if chunked:  # the loop over chunks of examples, here one example at a time
+    if chunked:  # Run the loop over chunks, one example per chunk.
         monkeypatch.setattr(_separable, "_example_chunk", lambda batch, *sizes: 1)
     x_shape, w_shape, specs, strides, padding, lhs_dil, rhs_dil = _CONV_CONFIGS[config]
     k = jax.random.split(jax.random.key(config), 3)
@@ -369,7 +369,7 @@ _DOT_CONFIGS = [
 @pytest.mark.parametrize("chunked", [False, True])
 def test_dot_per_example_matches_loop(config, symmetric, chunked, monkeypatch):
     """The per-example product equals a loop over examples of the weight's own VJP."""
-    if chunked:  # the loop over chunks of examples, here one example at a time
+    if chunked:  # Run the loop over chunks, one example per chunk.
         monkeypatch.setattr(_separable, "_example_chunk", lambda batch, *sizes: 1)
     x_shape, w_shape, dims, w_index, out_axis = _DOT_CONFIGS[config]
     k = jax.random.split(jax.random.key(config), 3)
@@ -429,7 +429,7 @@ def test_chunked_per_example_same_estimate(case, monkeypatch):
 
 
 def test_example_chunk_sizes():
-    """Cotangents above the size threshold and larger than their rows run in chunks."""
+    """Small cotangents, or ones no larger than their rows, stay whole. Others are chunked."""
     limit = _separable.CHUNK_ABOVE
     assert _separable._example_chunk(8, limit // 8, 1) == 8
     assert _separable._example_chunk(64, limit, limit) == 64
