@@ -38,8 +38,11 @@ def describe_machine(load: float | None = None, extra: str = "") -> str:
     device = jax.devices()[0]
     load = load_average() if load is None else load
     versions = f"jax {jax.__version__}" + (f", {extra}" if extra else "")
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    allocator = f", GLIBC_TUNABLES={tunables}" if tunables else ""
     return (f"{versions}, {device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores, "
-            f"{platform.processor() or platform.machine()}, 1-minute load average {load:.2f}")
+            f"{platform.processor() or platform.machine()}, 1-minute load average {load:.2f}"
+            f"{allocator}")
 
 
 def describe_source() -> str:

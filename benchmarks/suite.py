@@ -14,7 +14,12 @@ and for K = 1, 10 and 100 probes, measures under `jax.jit` in float32:
 * peak memory from XLA's compiled memory analysis: temporaries plus arguments plus outputs,
   less the bytes of outputs aliased to arguments, divided by the same for
   `value_and_grad`;
-* the floating-point operation count of XLA's cost analysis, divided by `value_and_grad`'s.
+* the floating-point operation count of XLA's cost analysis, divided by `value_and_grad`'s;
+* per call, the memory the operating system hands the process afresh (minor page faults
+  times the page size) and the CPU time spent in the kernel. XLA's CPU runtime allocates a
+  call's temporaries anew on every call; glibc maps a block above its mmap threshold (at most
+  32 MiB, 64 MiB in a thread's arena) freshly each time, and the kernel zeroes every page of
+  it on first touch. See "Fresh memory" in the README.
 
 Methods are timed through their compiled executables. Per model and size, every method
 is called once untimed. Then, in rounds, the methods are called in a new random order
@@ -47,7 +52,9 @@ import dataclasses
 import gzip
 import json
 import math
+import os
 import re
+import resource
 import shlex
 import sys
 import tempfile
@@ -204,6 +211,8 @@ class Measurement:
     bytes_accessed: float
     first_call_s: float = math.nan
     times_s: list = dataclasses.field(default_factory=list)
+    fresh_bytes: list = dataclasses.field(default_factory=list)  # pages faulted in, per call
+    kernel_s: list = dataclasses.field(default_factory=list)  # system CPU time, per call
     skipped: str = ""  # why the method was not run, or ran only once
 
     @property
@@ -213,6 +222,14 @@ class Measurement:
     @property
     def median_s(self) -> float:
         return float(np.median(self.times_s)) if self.times_s else math.nan
+
+    @property
+    def median_fresh_mib(self) -> float:
+        return float(np.median(self.fresh_bytes)) / MIB if self.fresh_bytes else math.nan
+
+    @property
+    def median_kernel_ms(self) -> float:
+        return 1e3 * float(np.median(self.kernel_s)) if self.kernel_s else math.nan
 
 
 def method_name(kind: str, num_samples: int | None = None) -> str:
@@ -264,10 +281,23 @@ def compile_method(fn, args):
     return compiled, measurement
 
 
-def time_call(fn, args) -> float:
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def time_call(fn, args, measured: Measurement | None = None) -> float:
+    """Return the wall time of one call; record its fresh memory and kernel time in `measured`.
+
+    Page faults and system time are counted for the whole process, XLA's threads included.
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if measured is not None:
+        measured.fresh_bytes.append((after.ru_minflt - before.ru_minflt) * PAGE_BYTES)
+        measured.kernel_s.append(after.ru_stime - before.ru_stime)
+    return seconds
 
 
 def run_case(case: Case, probe_counts, options, progress) -> dict:
@@ -317,7 +347,8 @@ def run_case(case: Case, probe_counts, options, progress) -> dict:
             break
         for index in order_rng.permutation(len(active)):
             name = active[index]
-            measurements[name].times_s.append(time_call(executables[name], args))
+            measurements[name].times_s.append(
+                time_call(executables[name], args, measurements[name]))
         rounds += 1
     counts = sorted({len(measurements[name].times_s) for name in runnable})
     progress(f"{case.model} {case.size}: {rounds} rounds ({counts[0]} to {counts[-1]} calls "
@@ -448,6 +479,9 @@ def summarize(measurements: dict, probe_counts) -> list:
             "cp_peak_mib": cp.peak_bytes / MIB,
             "cp_peak_over_value_and_grad": ratio(cp.peak_bytes, base.peak_bytes),
             "cp_flops_over_value_and_grad": ratio(cp.flops, base.flops),
+            "cp_temp_mib": cp.temp_bytes / MIB,
+            "cp_fresh_mib_per_call": cp.median_fresh_mib,
+            "cp_kernel_ms_per_call": cp.median_kernel_ms,
             "hutchinson_ms": 1e3 * hutchinson.median_s,
             "hutchinson_over_value_and_grad": ratio(hutchinson.median_s, base.median_s),
             "hutchinson_compile_over_value_and_grad": ratio(hutchinson.compile_total_s,
@@ -490,6 +524,24 @@ def format_cp_table(results: list) -> str:
                 f"| {cell(row['cp_compile_over_value_and_grad'])} "
                 f"| {cell(row['cp_peak_over_value_and_grad'])} "
                 f"| {cell(row['cp_flops_over_value_and_grad'])} |")
+    return "\n".join(lines)
+
+
+def format_fresh_memory_table(results: list) -> str:
+    lines = ["| model | parameters | method | ms per call | XLA temporaries MiB "
+             "| fresh memory MiB per call | kernel CPU ms per call |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for result in results:
+        base = result["measurements"][BASELINE]
+        entries = [(BASELINE, 1e3 * base.median_s, base.temp_bytes / MIB,
+                    base.median_fresh_mib, base.median_kernel_ms)]
+        entries += [(method_name("CP", row["K"]), row["cp_ms"], row["cp_temp_mib"],
+                     row["cp_fresh_mib_per_call"], row["cp_kernel_ms_per_call"])
+                    for row in result["rows"]]
+        for name, ms, temp, fresh, kernel in entries:
+            lines.append(f"| {result['model']} | {result['num_params']:,} | {name} "
+                         f"| {cell(ms, 1)} | {cell(temp, 1)} | {cell(fresh, 1)} "
+                         f"| {cell(kernel, 1)} |")
     return "\n".join(lines)
 
 
@@ -713,6 +765,11 @@ def main(argv=None) -> None:
     print(format_cp_table(results))
     print("\nHutchinson (`hutchinson_hessian_diag`), ratios of medians:\n")
     print(format_hutchinson_table(results))
+    print("\nFresh memory per call: pages the operating system faulted in during a call, and "
+          "the CPU time spent in the kernel (whole process, medians over the timed calls). On "
+          "Linux with glibc, XLA temporaries above the mmap threshold are mapped and zeroed "
+          "anew on every call:\n")
+    print(format_fresh_memory_table(results))
     notes = [f"- {r['model']} {r['size']}, {name}: {m.skipped}" for r in results
              for name, m in r["measurements"].items() if m.skipped]
     if notes:
