@@ -198,15 +198,12 @@ class SeparableLeaves:
 
     def _visit_site(self, node, site, vals, env, rows):
         k = self.plan_samples(rows)
-        if self.plan.symmetric:
-            t, u = rows, rows
-        else:
-            t, u = rows[:k], rows[k:]
-        if node.primitive is lax.broadcast_in_dim_p:
-            diag = _broadcast_diagonal(node, site, t, u)
-        elif node.primitive in _LINEAR_ELEMENTWISE:
-            d = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index)
-            diag = _broadcast_diagonal(node, site, d * t, d * u)
+        t, u = (rows, rows) if self.plan.symmetric else (rows[:k], rows[k:])
+        if node.primitive in _LINEAR_ELEMENTWISE:
+            rows = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index) * rows
+            diag = _broadcast_diagonal(node, site, rows, k, self.plan.symmetric)
+        elif node.primitive is lax.broadcast_in_dim_p:
+            diag = _broadcast_diagonal(node, site, rows, k, self.plan.symmetric)
         elif node.primitive is lax.conv_general_dilated_p and site.other_axes:
             diag = _conv_per_example_diagonal(node, vals, rows, self.plan.symmetric)
         elif site.other_axes:
@@ -330,12 +327,18 @@ def _is_free_axis(node, operand, target):
     return target[1] >= len(batch_l)
 
 
-def _broadcast_diagonal(node, site, t, u):
-    """`Σ_b (Σ_n T)(Σ_n U)` over separable axes b, after summing non-separable ones n."""
+def _broadcast_diagonal(node, site, rows, k, symmetric):
+    """`Σ_b (Σ_n T)(Σ_n U)` over separable axes b, after summing non-separable ones n.
+
+    The sums over n run on the stacked T and U rows, which are split only afterwards.
+    Summing T and U separately made XLA's CPU backend store each as a copy of the rows
+    before the reduction: on the suite's 10k CNN, 3.7 of the 10.7 MiB of temporaries of one
+    probe, and 36 of 77 MiB at K = 10.
+    """
     if site.other_axes:
         other = tuple(a + 1 for a in site.other_axes)  # axis 0 indexes the probes
-        t = jnp.sum(t, axis=other, keepdims=True)
-        u = jnp.sum(u, axis=other, keepdims=True)
+        rows = jnp.sum(rows, axis=other, keepdims=True)
+    t, u = (rows, rows) if symmetric else (rows[:k], rows[k:])
     prod = jnp.sum(_probes.probe_mean(t * u), axis=site.axes, keepdims=True)
     # Every contracted axis now has size 1 and the rest are the operand's, in order.
     return prod.reshape(node.invars[site.input_index].aval.shape)

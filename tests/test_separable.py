@@ -354,6 +354,39 @@ def test_conv_patches_match_vjp(config, symmetric, chunked, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("primitive", ["add", "mul"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_broadcast_per_example_matches_loop(primitive, symmetric):
+    """A bias or gain over examples and positions: sums over positions, products per example.
+
+    The rows are summed over positions while T and U are still stacked; the result must
+    equal a loop over examples of `mean_k (Σ_n d T)(Σ_n d U)`, with d the other operand of
+    a product (1 for a sum).
+    """
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (3, 4, 5, 2))
+    p = jax.random.normal(k[1], (2,))
+    program, _ = trace_program(
+        (lambda x, p: x + p) if primitive == "add" else (lambda x, p: x * p), [x, p],
+        jax.tree_util.tree_structure((x, p)))
+    broadcast, node = program.nodes
+    assert node.primitive.name == primitive
+    rows = jax.random.normal(k[2], (4, *x.shape))
+    half = 4 if symmetric else 2
+    t, u = rows[:half], rows[-half:]
+    d = 1.0 if primitive == "add" else x
+    site = _separable._Site(1, node, 1, [broadcast], (0,), (1, 2))
+    got = _separable._broadcast_diagonal(node, site, d * rows, half, symmetric)
+
+    want = np.zeros(2)
+    for b in range(x.shape[0]):
+        d_b = d if primitive == "add" else d[b]
+        for t_k, u_k in zip(t, u, strict=True):
+            want += np.asarray((d_b * t_k[b]).sum((0, 1)) * (d_b * u_k[b]).sum((0, 1))) / half
+    assert got.shape == (1, 1, 1, 2)
+    np.testing.assert_allclose(got.reshape(2), want, rtol=1e-5, atol=1e-5)
+
+
 # (x shape, W shape, dimension numbers, W's operand index, separable output axis)
 _DOT_CONFIGS = [
     ((3, 5, 4), (4, 6), (((2,), (0,)), ((), ())), 1, 0),
