@@ -462,10 +462,12 @@ def test_chunked_per_example_same_estimate(case, monkeypatch):
 
 
 def test_example_chunk_sizes():
-    """Small cotangents, or ones no larger than their rows, stay whole. Others are chunked."""
+    """Small products stay whole; large ones are chunked by the larger of cotangents and rows."""
     limit = _separable.CHUNK_ABOVE
     assert _separable._example_chunk(8, limit // 8, 1) == 8
-    assert _separable._example_chunk(64, limit, limit) == 64
+    assert _separable._example_chunk(8, 1, limit // 8) == 8
+    assert _separable._example_chunk(64, limit, limit) == 1
+    assert _separable._example_chunk(64, 1, _separable.CHUNK_ENTRIES // 6) == 4
     assert _separable._example_chunk(64, _separable.CHUNK_ENTRIES // 6, 1) == 4
     assert _separable._example_chunk(7, _separable.CHUNK_ENTRIES // 3, 1) == 1
     assert _separable._example_chunk(4, 4 * limit, 1) == 1
