@@ -240,6 +240,8 @@ def _visit(state: _SweepState, node, linearized):
     tu = [state.rows.pop(v) for v in float_vars]
     if all(y is None for y in ybar) and all(t is None for t in tu):
         return
+    if node.primitive is lax.conv_general_dilated_p and any(t is not None for t in tu):
+        tu = _materialize(tu)
     ybar_full = [jnp.zeros_like(env[v]) if y is None else y
                  for v, y in zip(float_vars, ybar, strict=True)]
     rule = rule_for(node)
@@ -278,6 +280,19 @@ def _visit(state: _SweepState, node, linearized):
             state.rows.add(node.invars[i], fv)
         else:
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
+
+
+def _materialize(rows):
+    """Store the rows arriving at a convolution as one array before its products read them.
+
+    Each reader of the rows (the input VJP, the kernel products, a bias's sums) otherwise
+    recomputes them from their addends, and XLA's CPU backend keeps every addend alive:
+    the VJP rows from the layer above and the injected ones. With the barrier, the
+    temporaries of K = 10 on the suite's 10k and 0.4M CNNs fell from 38 to 27 MiB and from
+    75 to 55 MiB. On matrix products it made transformers and MLPs slower, so it is not
+    used there.
+    """
+    return list(lax.optimization_barrier(rows))
 
 
 def _replace_conv_kernel_rows(node, vals, dep_idx, targets, tu_full, in_rows):
