@@ -496,41 +496,42 @@ def cell(value: float, digits: int = 2) -> str:
     return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def markdown_table(header: list, rows: list, text_columns=(0,)) -> str:
+    """Return a markdown table, right-aligned but for the columns in `text_columns`."""
+    align = ["---" if i in text_columns else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+
+
 def format_baseline_table(results: list) -> str:
-    lines = ["| model | size | parameters | batch | value_and_grad ms | compile s | peak MiB "
-             "| GFLOP | repeats | load at start |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ["model", "size", "parameters", "batch", "value_and_grad ms", "compile s",
+              "peak MiB", "GFLOP", "repeats", "load at start"]
+    rows = []
     for result in results:
         base = result["measurements"][BASELINE]
-        lines.append(
-            f"| {result['model']} | {result['size']} | {result['num_params']:,} "
-            f"| {result['batch']} | {cell(1e3 * base.median_s)} | {base.compile_total_s:.2f} "
-            f"| {base.peak_bytes / MIB:.1f} | {base.flops / 1e9:.3f} | {len(base.times_s)} "
-            f"| {result['load_at_start']:.2f} |")
-    return "\n".join(lines)
+        rows.append([result["model"], result["size"], f"{result['num_params']:,}",
+                     result["batch"], cell(1e3 * base.median_s), f"{base.compile_total_s:.2f}",
+                     f"{base.peak_bytes / MIB:.1f}", f"{base.flops / 1e9:.3f}",
+                     len(base.times_s), f"{result['load_at_start']:.2f}"])
+    return markdown_table(header, rows, text_columns=(0, 1))
 
 
 def format_cp_table(results: list) -> str:
-    lines = ["| model | parameters | K | CP ms | × value_and_grad | × Hutchinson, same K "
-             "| extra probe × v&g | compile × v&g | peak memory × v&g | XLA flops × v&g |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for result in results:
-        for row in result["rows"]:
-            lines.append(
-                f"| {result['model']} | {result['num_params']:,} | {row['K']} "
-                f"| {cell(row['cp_ms'], 1)} | {cell(row['cp_over_value_and_grad'])} "
-                f"| {cell(row['cp_over_hutchinson'])} "
-                f"| {cell(row['extra_probe_over_value_and_grad'])} "
-                f"| {cell(row['cp_compile_over_value_and_grad'])} "
-                f"| {cell(row['cp_peak_over_value_and_grad'])} "
-                f"| {cell(row['cp_flops_over_value_and_grad'])} |")
-    return "\n".join(lines)
+    header = ["model", "parameters", "K", "CP ms", "× value_and_grad", "× Hutchinson, same K",
+              "extra probe × v&g", "compile × v&g", "peak memory × v&g", "XLA flops × v&g"]
+    rows = [[result["model"], f"{result['num_params']:,}", row["K"], cell(row["cp_ms"], 1),
+             *(cell(row[key]) for key in (
+                 "cp_over_value_and_grad", "cp_over_hutchinson",
+                 "extra_probe_over_value_and_grad", "cp_compile_over_value_and_grad",
+                 "cp_peak_over_value_and_grad", "cp_flops_over_value_and_grad"))]
+            for result in results for row in result["rows"]]
+    return markdown_table(header, rows)
 
 
 def format_fresh_memory_table(results: list) -> str:
-    lines = ["| model | parameters | method | ms per call | XLA temporaries MiB "
-             "| fresh memory MiB per call | kernel CPU ms per call |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    header = ["model", "parameters", "method", "ms per call", "XLA temporaries MiB",
+              "fresh memory MiB per call", "kernel CPU ms per call"]
+    rows = []
     for result in results:
         base = result["measurements"][BASELINE]
         entries = [(BASELINE, 1e3 * base.median_s, base.temp_bytes / MIB,
@@ -538,27 +539,21 @@ def format_fresh_memory_table(results: list) -> str:
         entries += [(method_name("CP", row["K"]), row["cp_ms"], row["cp_temp_mib"],
                      row["cp_fresh_mib_per_call"], row["cp_kernel_ms_per_call"])
                     for row in result["rows"]]
-        for name, ms, temp, fresh, kernel in entries:
-            lines.append(f"| {result['model']} | {result['num_params']:,} | {name} "
-                         f"| {cell(ms, 1)} | {cell(temp, 1)} | {cell(fresh, 1)} "
-                         f"| {cell(kernel, 1)} |")
-    return "\n".join(lines)
+        rows += [[result["model"], f"{result['num_params']:,}", name,
+                  *(cell(value, 1) for value in values)] for name, *values in entries]
+    return markdown_table(header, rows, text_columns=(0, 2))
 
 
 def format_hutchinson_table(results: list) -> str:
-    lines = ["| model | parameters | K | Hutchinson ms | × v&g | compile × v&g "
-             "| peak memory × v&g | XLA flops × v&g |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for result in results:
-        for row in result["rows"]:
-            lines.append(
-                f"| {result['model']} | {result['num_params']:,} | {row['K']} "
-                f"| {cell(row['hutchinson_ms'], 1)} "
-                f"| {cell(row['hutchinson_over_value_and_grad'])} "
-                f"| {cell(row['hutchinson_compile_over_value_and_grad'])} "
-                f"| {cell(row['hutchinson_peak_over_value_and_grad'])} "
-                f"| {cell(row['hutchinson_flops_over_value_and_grad'])} |")
-    return "\n".join(lines)
+    header = ["model", "parameters", "K", "Hutchinson ms", "× v&g", "compile × v&g",
+              "peak memory × v&g", "XLA flops × v&g"]
+    rows = [[result["model"], f"{result['num_params']:,}", row["K"],
+             cell(row["hutchinson_ms"], 1),
+             *(cell(row[key]) for key in (
+                 "hutchinson_over_value_and_grad", "hutchinson_compile_over_value_and_grad",
+                 "hutchinson_peak_over_value_and_grad", "hutchinson_flops_over_value_and_grad"))]
+            for result in results for row in result["rows"]]
+    return markdown_table(header, rows)
 
 
 def check_targets(results: list) -> list:
