@@ -197,19 +197,18 @@ class SeparableLeaves:
             self._visit_site(node, site, vals, env, tu[0])
 
     def _visit_site(self, node, site, vals, env, rows):
-        k = self.plan_samples(rows)
-        t, u = (rows, rows) if self.plan.symmetric else (rows[:k], rows[k:])
+        k, symmetric = self.plan_samples(rows), self.plan.symmetric
         if node.primitive in _LINEAR_ELEMENTWISE:
-            rows = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index) * rows
-            diag = _broadcast_diagonal(node, site, rows, k, self.plan.symmetric)
+            scale = _LINEAR_ELEMENTWISE[node.primitive](vals, site.input_index)
+            diag = _broadcast_diagonal(node, site, scale * rows, k, symmetric)
         elif node.primitive is lax.broadcast_in_dim_p:
-            diag = _broadcast_diagonal(node, site, rows, k, self.plan.symmetric)
+            diag = _broadcast_diagonal(node, site, rows, k, symmetric)
         elif node.primitive is lax.conv_general_dilated_p and site.other_axes:
-            diag = _conv_per_example_diagonal(node, vals, rows, self.plan.symmetric)
+            diag = _conv_per_example_diagonal(node, vals, rows, symmetric)
         elif site.other_axes:
-            diag = _dot_per_example_diagonal(node, site, vals, t, u)
+            diag = _dot_per_example_diagonal(node, site, vals, *_split(rows, k, symmetric))
         else:
-            diag = _dot_general_diagonal(node, site, vals, t, u)
+            diag = _dot_general_diagonal(node, site, vals, *_split(rows, k, symmetric))
         for chain_node in reversed(site.chain):
             x = env[chain_node.invars[0]]
             diag = jax.vjp(lambda z, n=chain_node: bind_node(n, [z])[0], x)[1](
@@ -327,6 +326,11 @@ def _is_free_axis(node, operand, target):
     return target[1] >= len(batch_l)
 
 
+def _split(rows, k, symmetric):
+    """Return `(T, U)` from stacked rows: the same rows twice where T = U, else halves."""
+    return (rows, rows) if symmetric else (rows[:k], rows[k:])
+
+
 def _broadcast_diagonal(node, site, rows, k, symmetric):
     """`Σ_b (Σ_n T)(Σ_n U)` over separable axes b, after summing non-separable ones n.
 
@@ -338,7 +342,7 @@ def _broadcast_diagonal(node, site, rows, k, symmetric):
     if site.other_axes:
         other = tuple(a + 1 for a in site.other_axes)  # axis 0 indexes the probes
         rows = jnp.sum(rows, axis=other, keepdims=True)
-    t, u = (rows, rows) if symmetric else (rows[:k], rows[k:])
+    t, u = _split(rows, k, symmetric)
     prod = jnp.sum(_probes.probe_mean(t * u), axis=site.axes, keepdims=True)
     # Every contracted axis now has size 1 and the rest are the operand's, in order.
     return prod.reshape(node.invars[site.input_index].aval.shape)

@@ -359,9 +359,9 @@ def test_conv_patches_match_vjp(config, symmetric, chunked, monkeypatch):
 def test_broadcast_per_example_matches_loop(primitive, symmetric):
     """A bias or gain over examples and positions: sums over positions, products per example.
 
-    The rows are summed over positions while T and U are still stacked; the result must
-    equal a loop over examples of `mean_k (Σ_n d T)(Σ_n d U)`, with d the other operand of
-    a product (1 for a sum).
+    The rows are summed over positions while T and U are still stacked. The result must
+    equal a loop over examples of `mean_k (Σ_n d T)(Σ_n d U)`, where d is the other operand
+    of a product and 1 for a sum.
     """
     k = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(k[0], (3, 4, 5, 2))
