@@ -335,9 +335,9 @@ def _broadcast_diagonal(node, site, rows, k, symmetric):
     """`Σ_b (Σ_n T)(Σ_n U)` over separable axes b, after summing non-separable ones n.
 
     The sums over n run on the stacked T and U rows, which are split only afterwards.
-    Summing T and U separately made XLA's CPU backend store each as a copy of the rows
-    before the reduction: on the suite's 10k CNN, 3.7 of the 10.7 MiB of temporaries of one
-    probe, and 36 of 77 MiB at K = 10.
+    Summed separately, T and U were each stored by XLA's CPU backend as a copy of the rows.
+    On the suite's 10k CNN those copies were 3.7 of the 10.7 MiB of one probe's temporaries,
+    and 36 of 77 MiB at K = 10.
     """
     if site.other_axes:
         other = tuple(a + 1 for a in site.other_axes)  # axis 0 indexes the probes
@@ -382,16 +382,8 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
 
     in_window = w.shape[specs.rhs_spec[1]] * math.prod(w.shape[a] for a in specs.rhs_spec[2:])
     size = _example_chunk(batch, num_rows * features * in_window, rows[:, 0].size)
-    if size == batch:
-        prod = chunk_sum(x, rows)
-    else:
-        def body(total, start):
-            x_chunk = lax.dynamic_slice_in_dim(x, start, size, axis=specs.lhs_spec[0])
-            rows_chunk = lax.dynamic_slice_in_dim(rows, start, size, axis=1)
-            return total + chunk_sum(x_chunk, rows_chunk).astype(total.dtype), None
-
-        zeros = jnp.zeros((features, in_window), _sum_dtype(dtype))
-        prod, _ = lax.scan(body, zeros, jnp.arange(0, batch, size))
+    prod = _sum_over_chunks(chunk_sum, (x, rows), (specs.lhs_spec[0], 1), size,
+                            (features, in_window), dtype)
     prod = prod / half
     # (out features, in features, window...) in the kernel's own axis order
     canonical = prod.reshape(features, -1, *(w.shape[a] for a in specs.rhs_spec[2:]))
@@ -410,6 +402,25 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
 # more than it saves.
 CHUNK_ABOVE = 2**22
 CHUNK_ENTRIES = 2**21
+
+
+def _sum_over_chunks(chunk_sum, operands, axes, size, shape, dtype):
+    """Return `chunk_sum(*operands)`, summed over chunks of `size` examples if that is smaller.
+
+    `axes` gives each operand's example axis, and `shape` the shape of the sum. The chunks
+    run in a `lax.scan` and are summed in at least float32.
+    """
+    batch = operands[0].shape[axes[0]]
+    if size == batch:
+        return chunk_sum(*operands)
+
+    def body(total, start):
+        chunks = [lax.dynamic_slice_in_dim(operand, start, size, axis=axis)
+                  for operand, axis in zip(operands, axes, strict=True)]
+        return total + chunk_sum(*chunks).astype(total.dtype), None
+
+    total, _ = lax.scan(body, jnp.zeros(shape, _sum_dtype(dtype)), jnp.arange(0, batch, size))
+    return total
 
 
 def _sum_dtype(dtype):
@@ -546,18 +557,13 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
     batch = x.shape[x_axis]
     num_rows = t.shape[0] if u is t else t.shape[0] + u.shape[0]
     size = _example_chunk(batch, num_rows * vals[i].size, num_rows * t[0].size // batch)
-    if size == batch:
-        total = chunk_sum(x, t, u)
+    shape = [vals[i].shape[a] for a in order]
+    if u is t:
+        total = _sum_over_chunks(lambda x, t: chunk_sum(x, t, t), (x, t),
+                                 (x_axis, out_axis + 1), size, shape, dtype)
     else:
-        def body(total, start):
-            x_chunk = lax.dynamic_slice_in_dim(x, start, size, axis=x_axis)
-            t_chunk = lax.dynamic_slice_in_dim(t, start, size, axis=out_axis + 1)
-            u_chunk = t_chunk if u is t else lax.dynamic_slice_in_dim(
-                u, start, size, axis=out_axis + 1)
-            return total + chunk_sum(x_chunk, t_chunk, u_chunk).astype(total.dtype), None
-
-        zeros = jnp.zeros([vals[i].shape[a] for a in order], _sum_dtype(dtype))
-        total, _ = lax.scan(body, zeros, jnp.arange(0, batch, size))
+        total = _sum_over_chunks(chunk_sum, (x, t, u), (x_axis, out_axis + 1, out_axis + 1),
+                                 size, shape, dtype)
     diag = (total / t.shape[0]).astype(dtype)
     return jnp.transpose(diag, _inverse_permutation(order))
 
