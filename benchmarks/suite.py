@@ -17,9 +17,10 @@ and for K = 1, 10 and 100 probes, measures under `jax.jit` in float32:
 * the floating-point operation count of XLA's cost analysis, divided by `value_and_grad`'s;
 * per call, the memory the operating system hands the process afresh (minor page faults
   times the page size) and the CPU time spent in the kernel. XLA's CPU runtime allocates a
-  call's temporaries anew on every call; glibc maps a block above its mmap threshold (at most
-  32 MiB, 64 MiB in a thread's arena) freshly each time, and the kernel zeroes every page of
-  it on first touch. See "Fresh memory" in the README.
+  call's temporaries anew on every call. glibc maps a block above its mmap threshold (at
+  most 32 MiB) afresh each time, and the kernel zeroes every page of it on first touch. See
+  "Fresh memory" in the README. Both are left empty where Python has no `resource` module
+  (Windows).
 
 Methods are timed through their compiled executables. Per model and size, every method
 is called once untimed. Then, in rounds, the methods are called in a new random order
@@ -54,7 +55,6 @@ import json
 import math
 import os
 import re
-import resource
 import shlex
 import sys
 import tempfile
@@ -281,20 +281,28 @@ def compile_method(fn, args):
     return compiled, measurement
 
 
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+try:
+    import resource  # Unix only
+except ImportError:
+    resource = None
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if resource is not None else 0
+
+
+def _usage():
+    return resource.getrusage(resource.RUSAGE_SELF) if resource is not None else None
 
 
 def time_call(fn, args, measured: Measurement | None = None) -> float:
-    """Return the wall time of one call; record its fresh memory and kernel time in `measured`.
+    """Return the wall time of one call, and record its fresh memory and kernel time in `measured`.
 
     Page faults and system time are counted for the whole process, XLA's threads included.
     """
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    before = _usage()
     started = time.perf_counter()
     jax.block_until_ready(fn(*args))
     seconds = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    if measured is not None:
+    after = _usage()
+    if measured is not None and after is not None:
         measured.fresh_bytes.append((after.ru_minflt - before.ru_minflt) * PAGE_BYTES)
         measured.kernel_s.append(after.ru_stime - before.ru_stime)
     return seconds

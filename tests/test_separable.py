@@ -462,7 +462,7 @@ def test_chunked_per_example_same_estimate(case, monkeypatch):
 
 
 def test_example_chunk_sizes():
-    """Small products stay whole; large ones are chunked by the larger of cotangents and rows."""
+    """Small products stay whole. Large ones are chunked by the larger of cotangents and rows."""
     limit = _separable.CHUNK_ABOVE
     assert _separable._example_chunk(8, limit // 8, 1) == 8
     assert _separable._example_chunk(8, 1, limit // 8) == 8
