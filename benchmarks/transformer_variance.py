@@ -1,8 +1,9 @@
 """Single-probe variance of CP and Hutchinson on a small two-block transformer, in float64.
 
 Prints `Σ var / Σ exact²` over all parameters for `cp_hessian_diag` (separable batch axis),
-the same with elementwise chains left unfused, and `hutchinson_hessian_diag`, from `--draws`
-single-probe estimates each, against the exact diagonal of `exact_hessian_diag`. Also prints
+the same with the attention's softmax left as primitives, the same with elementwise chains
+left unfused, and `hutchinson_hessian_diag`, from `--draws` single-probe estimates each,
+against the exact diagonal of `exact_hessian_diag`. Also prints
 the largest gap between the mean of the draws and the exact diagonal, in standard errors, as
 a check that every estimator is unbiased. The model is `transformer_logits` of `_common.py`:
 pre-layer-norm blocks with attention and a GELU MLP, next-token cross-entropy on random
@@ -32,7 +33,7 @@ from _common import (  # noqa: E402
 )
 
 import cpjax  # noqa: E402
-from cpjax import _chains  # noqa: E402
+from cpjax import _chains, _softmax  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,14 +93,17 @@ def main(argv=None) -> None:
     print("|---|---:|---:|")
     ratio, z = variance_ratio(cpjax.cp_hessian_diag(loss), (params, tokens), exact, args.draws)
     print(f"| CP, separable batch axis | {ratio:.3g} | {z:.1f} |")
-    fuse = _chains.fuse_elementwise_chains
-    _chains.fuse_elementwise_chains = lambda program: program  # trace primitive by primitive
-    try:
-        ratio, z = variance_ratio(cpjax.cp_hessian_diag(loss), (params, tokens), exact,
-                                  args.draws)
-    finally:
-        _chains.fuse_elementwise_chains = fuse
-    print(f"| CP, elementwise chains unfused | {ratio:.3g} | {z:.1f} |")
+    for label, module, name in (("attention softmax inlined", _softmax, "fuse_softmax"),
+                                ("elementwise chains unfused", _chains,
+                                 "fuse_elementwise_chains")):
+        rewrite = getattr(module, name)
+        setattr(module, name, lambda program: program)  # trace without this rewrite
+        try:
+            ratio, z = variance_ratio(cpjax.cp_hessian_diag(loss), (params, tokens), exact,
+                                      args.draws)
+        finally:
+            setattr(module, name, rewrite)
+        print(f"| CP, {label} | {ratio:.3g} | {z:.1f} |")
     ratio, z = variance_ratio(cpjax.hutchinson_hessian_diag(loss), (params, tokens), exact,
                               args.draws)
     print(f"| Hutchinson | {ratio:.3g} | {z:.1f} |")

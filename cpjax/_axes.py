@@ -209,10 +209,10 @@ def axis_map(node, i) -> list:
         return _concatenate(node, i, rank)
     if node.composite == "rowwise":
         return [(0, k) if k < rank - 1 else None for k in range(rank)]
-    if node.composite == "log_softmax":
-        from cpjax.rules.composite import _log_softmax_axes
+    if node.composite in ("log_softmax", "softmax"):
+        from cpjax.rules.composite import summed_axes
 
-        axes = set(_log_softmax_axes(node.eqn))
+        axes = set(summed_axes(node.eqn))
         return [None if k in axes else (0, k) for k in range(rank)]
     if p is prims.custom_jvp_call_p and _custom_is_elementwise(node):
         return _elementwise(in_shape, out_shape)

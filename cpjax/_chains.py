@@ -16,11 +16,10 @@ equations.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpjax._trace import Node, Program, Var, bind_node, variable_uses
+from cpjax._trace import Node, Program, Var, call_node, replace_nodes, variable_uses
 
 # Elementwise primitives whose local curvature is zero; the others in a chain count as
 # nonlinear. A product counts as linear when one operand is a literal.
@@ -40,17 +39,8 @@ def fuse_elementwise_chains(program: Program) -> Program:
             dropped.update(node.index for node in chain[:-1])
     if not fused:
         return program
-    nodes, silent = [], 0
-    for node in program.nodes:
-        if node.index in dropped:
-            continue
-        new = _fused_node(*fused[node.index]) if node.index in fused else node
-        nodes.append(new)
-        if node.index < program.silent:
-            silent = len(nodes)
-    for index, node in enumerate(nodes):
-        node.index = index
-    return Program(program.invars, nodes, program.outvars, silent)
+    return replace_nodes(program, {i: _fused_node(*group) for i, group in fused.items()},
+                         dropped)
 
 
 def _fusible(node) -> bool:
@@ -115,16 +105,4 @@ def _is_nonlinear(node) -> bool:
 
 def _fused_node(x, chain) -> Node:
     """Return one node calling a jitted function that runs `chain` on its outside input `x`."""
-
-    def elementwise_chain(value):
-        env = {x: value}
-        for node in chain:
-            args = [env[a] if isinstance(a, Var) else a.val for a in node.invars]
-            env[node.outvars[0]] = bind_node(node, args)[0]
-        return env[chain[-1].outvars[0]]
-
-    closed = jax.make_jaxpr(jax.jit(elementwise_chain))(
-        jax.ShapeDtypeStruct(x.aval.shape, x.aval.dtype))
-    (eqn,) = closed.jaxpr.eqns
-    eqn = eqn.replace(source_info=chain[-1].eqn.source_info)
-    return Node(chain[-1].index, eqn, [x], list(chain[-1].outvars), composite="elementwise")
+    return call_node(x, chain, "elementwise_chain", "elementwise")

@@ -168,6 +168,44 @@ def bind_node(node: Node, invals: list) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def replace_nodes(program: Program, replacements: dict, dropped: set) -> Program:
+    """Return `program` with node `i` replaced by `replacements[i]` and `dropped` removed.
+
+    Nodes are renumbered in order; the silent prefix keeps every node it held.
+    """
+    nodes, silent = [], 0
+    for node in program.nodes:
+        if node.index in dropped:
+            continue
+        nodes.append(replacements.get(node.index, node))
+        if node.index < program.silent:
+            silent = len(nodes)
+    for index, node in enumerate(nodes):
+        node.index = index
+    return Program(program.invars, nodes, program.outvars, silent)
+
+
+def call_node(x: Var, group: list, name: str, composite: str) -> Node:
+    """Return one node that calls a jitted function named `name` running `group` on `x`.
+
+    `group` lists nodes in program order, and `x` is their only variable input from outside
+    the group. The call returns the last node's output and carries that node's source line.
+    """
+
+    def run(value):
+        env = {x: value}
+        for node in group:
+            args = [env[a] if isinstance(a, Var) else a.val for a in node.invars]
+            env[node.outvars[0]] = bind_node(node, args)[0]
+        return env[group[-1].outvars[0]]
+
+    run.__name__ = run.__qualname__ = name
+    closed = jax.make_jaxpr(jax.jit(run))(jax.ShapeDtypeStruct(x.aval.shape, x.aval.dtype))
+    (eqn,) = closed.jaxpr.eqns
+    eqn = eqn.replace(source_info=group[-1].eqn.source_info)
+    return Node(group[-1].index, eqn, [x], list(group[-1].outvars), composite=composite)
+
+
 @dataclasses.dataclass(frozen=True)
 class Composition:
     """`loss_fn(model_fn(*args[:-1]), *args[-1])`, traced with the model's nodes silent.
@@ -211,7 +249,7 @@ class Composition:
         silent = len(builder.nodes)
         outs = builder.inline(loss_jaxpr.jaxpr, loss_jaxpr.consts, z_atoms + invars[n_model:])
         program = Program(invars, builder.nodes, outs, silent)
-        return _fuse_chains(program), out_shape
+        return _fuse_groups(program), out_shape
 
 
 def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
@@ -229,7 +267,7 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
 
     closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
         *[flat_args[i] for i in traced])
-    program = _fuse_chains(build_program(closed))
+    program = _fuse_groups(build_program(closed))
     # Placeholder variables for the concrete leaves keep positions aligned with flat_args.
     invars = iter(program.invars)
     program.invars = [next(invars) if _is_array(x) else Var(-1 - i, None)
@@ -237,10 +275,13 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
     return program, out_shape
 
 
-def _fuse_chains(program: Program) -> Program:
-    from cpjax._chains import fuse_elementwise_chains  # imports this module
+def _fuse_groups(program: Program) -> Program:
+    """Keep written-out softmaxes, then elementwise chains, as one node each."""
+    # Imported here because both modules import this one.
+    from cpjax._chains import fuse_elementwise_chains
+    from cpjax._softmax import fuse_softmax
 
-    return fuse_elementwise_chains(program)
+    return fuse_elementwise_chains(fuse_softmax(program))
 
 
 def _is_array(x) -> bool:

@@ -26,6 +26,7 @@ from cpjax.rules._base import (
     COMPOSITE_RULES,
     Curvature,
     Rule,
+    StructuredRule,
     safe_sqrt,
     split_scalar_curvature,
 )
@@ -46,7 +47,12 @@ def _log_softmax_axes(eqn):
         return None
     if any(e.primitive not in _LOG_SOFTMAX_PRIMITIVES for e in jaxpr.eqns):
         return None
-    sums = [e for e in jaxpr.eqns if e.primitive is lax.reduce_sum_p]
+    return summed_axes(eqn)
+
+
+def summed_axes(eqn):
+    """Return the axes of the one sum in a call (a softmax's rows), or None."""
+    sums = [e for e in eqn.params["jaxpr"].jaxpr.eqns if e.primitive is lax.reduce_sum_p]
     if len(sums) != 1:
         return None
     return tuple(sums[0].params["axes"])
@@ -278,6 +284,48 @@ def _call_is_piecewise_linear(eqn) -> bool:
     return _is_piecewise_linear(eqn.params["jaxpr"], len(eqn.invars))
 
 
+class SoftmaxRule(StructuredRule):
+    """`p = softmax(f)` over some axes, written out and kept whole (see `cpjax._softmax`).
+
+    Per row, `Σ_k ȳ_k ∇²p_k = diag(c) − c pᵀ − p cᵀ` with `c = p ⊙ (ȳ − ⟨ȳ, p⟩)`, the
+    cotangent of `f`. Since `Σ c = 0` this equals `Aᵀ diag(c) A` with `A = I − 1 pᵀ`, so one
+    probe `v` of the row's length gives `F v = Aᵀ(√|c| ⊙ v)` and `G v = Aᵀ(sign(c) √|c| ⊙ v)`,
+    where `Aᵀ u = u − p Σ u`. The curvature is indefinite: `c` sums to zero.
+
+    The rule runs the node's whole backward step. The cotangent, the rows and the injection
+    all take the form `w − p Σ w`, with `w = p ⊙ ȳ` for the cotangent and
+    `w = p ⊙ R + [√|c| v; sign(c) √|c| v]` for the rows R, so the rows and their injection
+    share one sum over each row.
+    """
+
+    def curvature(self, node, info):
+        if not info.dependent(0) or info.out_signs[0] == 0:
+            return Curvature.NONE
+        return Curvature.INDEFINITE
+
+    def forward(self, node, vals):
+        from cpjax._trace import bind_node
+
+        outs = bind_node(node, vals)
+        return outs, outs[0]
+
+    def backward(self, ctx, p, ybar, rows):
+        axes = summed_axes(ctx.node.eqn)
+
+        def centre(w, axes):
+            return w - p * jnp.sum(w, axis=axes, keepdims=True)
+
+        grad = centre(p * ybar[0], axes)
+        rows_axes = tuple(a + 1 for a in axes)  # axis 0 indexes the rows
+        w = None if rows[0] is None else p * rows[0]
+        if ctx.ybar[0] is not None and self.curvature(ctx.node, ctx.info) is not Curvature.NONE:
+            (f,) = ctx.invals
+            u = safe_sqrt(jnp.abs(grad)) * ctx.draw(f.shape, f.dtype)
+            injection = u if ctx.symmetric else jnp.concatenate([u, jnp.sign(grad) * u])
+            w = injection if w is None else w + injection
+        return [grad], [None if w is None else centre(w, rows_axes)]
+
+
 def _second_partial(node, vals, i, j):
     """`∂²y/∂x_i∂x_j` elementwise, by nested JVPs with tangents of ones."""
     from cpjax._trace import bind_node
@@ -301,3 +349,4 @@ def _second_partial(node, vals, i, j):
 COMPOSITE_RULES["log_softmax"] = LogSoftmaxRule()
 COMPOSITE_RULES["elementwise"] = ElementwiseCallRule()
 COMPOSITE_RULES["rowwise"] = RowwiseCallRule()
+COMPOSITE_RULES["softmax"] = SoftmaxRule()
