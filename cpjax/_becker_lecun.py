@@ -24,7 +24,7 @@ from cpjax._errors import CurvatureError
 from cpjax._trace import Var, bind_node
 from cpjax.rules import RULES, Rule, rule_for
 from cpjax.rules.binary import BinaryRule, sum_to_shape
-from cpjax.rules.composite import _log_softmax_axes, row_blocks
+from cpjax.rules.composite import _log_softmax_axes, row_blocks, summed_axes
 from cpjax.rules.elementwise import ElementwiseRule
 
 _BILINEAR = (lax.dot_general_p, lax.conv_general_dilated_p)
@@ -104,6 +104,22 @@ def _log_softmax(node, vals, outs, ybar, d_out):
     return [diag]
 
 
+def _softmax(node, p, ybar, d_out):
+    """Return the gradient and `D` of a softmax kept whole, whose rule keeps `p` as residual.
+
+    Per row `J = diag(p) − p pᵀ`, and the curvature `diag(c) − c pᵀ − p cᵀ` (see the
+    softmax rule) has the diagonal `c (1 − 2p)`, with `c` the gradient.
+    """
+    axes = summed_axes(node.eqn)
+    grad = p * (ybar - jnp.sum(ybar * p, axis=axes, keepdims=True))
+    diag = grad * (1 - 2 * p)
+    if d_out is not None:
+        # (J ∘ J)ᵀ D = p² (D (1 − 2p) + Σ p² D)
+        diag = diag + p * p * (d_out * (1 - 2 * p)
+                               + jnp.sum(p * p * d_out, axis=axes, keepdims=True))
+    return grad, diag
+
+
 def _rowwise(node, vals, ybar, d_out):
     """Return `diag(Jᵀ diag(D) J) + diag(M)` per row of a row-wise call, from exact blocks."""
     jacobian, hessian = row_blocks(node, vals[0], ybar)
@@ -157,11 +173,6 @@ def sweep_diagonal(plan, invals, out_cotangents, forward):
         if node.index not in linear:
             continue
         vals, outs, vjp_fn, dep_idx, float_out = linear[node.index]
-        if not callable(vjp_fn):  # a loop, whose rule runs its own backward pass
-            raise CurvatureError(
-                f"becker_lecun_hessian_diag has no rule for primitive '{node.primitive.name}' "
-                f"at {node.where()}. Use cp_hessian_diag, which handles it."
-            )
         float_vars = [v for v, fl in zip(node.outvars, float_out, strict=True) if fl]
         ybar = [grads.pop(v, None) for v in float_vars]
         d_out = [diags.pop(v, None) for v in float_vars]
@@ -169,6 +180,16 @@ def sweep_diagonal(plan, invals, out_cotangents, forward):
             continue
         ybar_full = [jnp.zeros_like(env[v]) if y is None else y
                      for v, y in zip(float_vars, ybar, strict=True)]
+        if node.composite == "softmax":  # `vjp_fn` is the rule's residual `p`
+            grad, diag = _softmax(node, vjp_fn, ybar_full[0], d_out[0])
+            add(grads, node.invars[0], grad)
+            add(diags, node.invars[0], diag)
+            continue
+        if not callable(vjp_fn):  # a loop, whose rule runs its own backward pass
+            raise CurvatureError(
+                f"becker_lecun_hessian_diag has no rule for primitive '{node.primitive.name}' "
+                f"at {node.where()}. Use cp_hessian_diag, which handles it."
+            )
         for k, g in enumerate(vjp_fn(ybar_full)):
             add(grads, node.invars[dep_idx[k]], g)
         if len(float_vars) != 1:

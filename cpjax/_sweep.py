@@ -249,7 +249,7 @@ def _visit(state: _SweepState, node, linearized):
         node=node, info=state.plan.infos[node.index], invals=vals, outvals=outs,
         ybar=_ybar_per_output(node, float_out, ybar),
         key=state.node_key(state.key, node), num_samples=state.num_samples,
-        probe=state.probe, symmetric=state.plan.symmetric,
+        probe=state.probe, symmetric=state.plan.symmetric, kind=state.plan.kinds[node.index],
     )
     if isinstance(rule, StructuredRule):
         in_grads, in_rows = _call_rule(node, lambda: rule.backward(ctx, vjp_fn, ybar_full, tu))

@@ -69,6 +69,9 @@ class Context:
     num_samples: int
     probe: str  # "rademacher" or "gaussian"
     symmetric: bool  # T = U mode: every injection must be PSD and only F v is used
+    # The plan's curvature kind for this equation. It is NONE where the equation is silent
+    # (the model part of a Gauss-Newton product), so structured rules must check it.
+    kind: Curvature | None = None
 
     def draw(self, shape, dtype, salt: int = 0):
         """Draw `num_samples` probes of `shape`, independent for each `salt`."""

@@ -318,7 +318,7 @@ class SoftmaxRule(StructuredRule):
         grad = centre(p * ybar[0], axes)
         rows_axes = tuple(a + 1 for a in axes)  # axis 0 indexes the rows
         w = None if rows[0] is None else p * rows[0]
-        if ctx.ybar[0] is not None and self.curvature(ctx.node, ctx.info) is not Curvature.NONE:
+        if ctx.ybar[0] is not None and ctx.kind is not Curvature.NONE:
             (f,) = ctx.invals
             u = safe_sqrt(jnp.abs(grad)) * ctx.draw(f.shape, f.dtype)
             injection = u if ctx.symmetric else jnp.concatenate([u, jnp.sign(grad) * u])

@@ -50,10 +50,15 @@ class ScanRule(StructuredRule):
                 return consts + carry + xs
             carry = new
 
-    def body_plan(self, node, info, allow_symmetric):
+    def body_plan(self, node, info, allow_symmetric, silent=False):
+        """Return the body's plan; with `silent`, no equation of the body injects curvature."""
         from cpjax._sweep import make_plan
+        from cpjax._trace import Program
 
         program = _body_program(node.params["jaxpr"])
+        if silent:
+            program = Program(program.invars, program.nodes, program.outvars,
+                              len(program.nodes))
         return make_plan(program, self._input_deps(node, info), [None] * len(program.outvars),
                          prune=info.prune, allow_symmetric=allow_symmetric)
 
@@ -80,7 +85,7 @@ class ScanRule(StructuredRule):
         from cpjax import _analysis
 
         node, info = ctx.node, ctx.info
-        plan = self.body_plan(node, info, ctx.symmetric)
+        plan = self.body_plan(node, info, ctx.symmetric, silent=ctx.kind is Curvature.NONE)
         body_deps = self._input_deps(node, info)
         consts, init, xs = _split(node, ctx.invals)
         nc, nk = len(consts), len(init)
