@@ -146,6 +146,15 @@ def build_program(closed_jaxpr) -> Program:
     return Program(invars, builder.nodes, outs)
 
 
+def build_grouped_program(closed_jaxpr) -> Program:
+    """Flatten `closed_jaxpr` like `build_program`, then group softmaxes and chains.
+
+    Used for the bodies of loops, branches and shard_maps, so that they get the same
+    grouped nodes as the top-level program.
+    """
+    return _fuse_groups(build_program(closed_jaxpr))
+
+
 def variable_uses(program: Program) -> dict:
     """Map each variable to its uses: `(node, input index)`, or `(None, 0)` for an output."""
     uses = {}

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import cpjax
 from cpjax import _softmax
@@ -155,3 +156,29 @@ def test_gauss_newton_with_softmax_in_model_unbiased():
 
     exact = cpjax.exact_ggn_diag(model, loss)(W, X, loss_args=())
     assert_unbiased(cpjax.cp_ggn_diag(model, loss), (W, X), exact)
+
+
+def test_softmax_in_scan_body_grouped_and_unbiased():
+    """Loop bodies get the same grouping: one softmax node in the body's program."""
+    from cpjax.rules.scan import _body_program
+
+    def fun(x):
+        def step(carry, _):
+            return jax.nn.softmax(carry * x, axis=-1) + 0.5 * carry, None
+
+        return jnp.sum(jnp.sin(lax.scan(step, x, None, length=3)[0]))
+
+    x = X[:2]
+    (scan,) = [e for e in jax.make_jaxpr(fun)(x).eqns if e.primitive is lax.scan_p]
+    body = _body_program(scan.params["jaxpr"])
+    assert [n.composite for n in body.nodes].count("softmax") == 1
+    assert_unbiased(cpjax.cp_hessian_diag(fun), (x,), reference_diag(fun, (x,)))
+
+
+def test_softmax_in_cond_branch_unbiased():
+    def fun(x):
+        return lax.cond(jnp.sum(x) > 0, lambda z: jnp.sum(jnp.cos(jax.nn.softmax(z * z))),
+                        lambda z: jnp.sum(z), x)
+
+    x = jnp.abs(X[:2]) + 0.1
+    assert_unbiased(cpjax.cp_hessian_diag(fun), (x,), reference_diag(fun, (x,)))

@@ -16,9 +16,9 @@ from cpjax.rules._base import Curvature, Rule
 
 def _branch_plan(branch, info, symmetric_allowed):
     from cpjax._sweep import make_plan
-    from cpjax._trace import build_program
+    from cpjax._trace import build_grouped_program
 
-    program = build_program(branch)
+    program = build_grouped_program(branch)
     return make_plan(
         program, list(info.deps[1:]), list(info.out_signs), prune=info.prune,
         allow_symmetric=symmetric_allowed,

@@ -22,9 +22,9 @@ from cpjax.rules._base import Curvature, StructuredRule
 
 @functools.lru_cache(maxsize=128)
 def _body_program(closed_jaxpr):
-    from cpjax._trace import build_program
+    from cpjax._trace import build_grouped_program
 
-    return build_program(closed_jaxpr)
+    return build_grouped_program(closed_jaxpr)
 
 
 def _split(node, seq):

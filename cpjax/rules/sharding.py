@@ -40,9 +40,9 @@ register(Rule(), *COLLECTIVES)
 
 def _body_plan(node, info, symmetric_allowed):
     from cpjax._sweep import make_plan
-    from cpjax._trace import build_program
+    from cpjax._trace import build_grouped_program
 
-    program = build_program(jcore.ClosedJaxpr(node.params["jaxpr"], ()))
+    program = build_grouped_program(jcore.ClosedJaxpr(node.params["jaxpr"], ()))
     return make_plan(program, list(info.deps), list(info.out_signs), prune=info.prune,
                      allow_symmetric=symmetric_allowed)
 
