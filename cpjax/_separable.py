@@ -525,7 +525,7 @@ def _conv_per_example_by_vjp(node, vals, t, u):
     per_example = jax.vmap(kernel_cotangent, in_axes=(x_batch, out_batch))
     per_probe = jax.vmap(per_example, in_axes=(None, 0))
     t_w, u_w = per_probe(x, t), per_probe(x, u)
-    return _probes.leading_sum(t_w * u_w, 2) / t.shape[0]
+    return _probes.leading_sum(t_w * u_w, 2, 1.0 / t.shape[0])
 
 
 def _dot_per_example_diagonal(node, site, vals, t, u):
@@ -551,8 +551,9 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
 
         t_w = per_example(t_chunk)
         u_w = t_w if u_chunk is t_chunk else per_example(u_chunk)
-        return _probes.leading_sum(jnp.moveaxis(t_w * u_w, probe_axis, 0), 2)
+        return _probes.leading_sum(jnp.moveaxis(t_w * u_w, probe_axis, 0), 2, 1.0 / num_probes)
 
+    num_probes = t.shape[0]
     x = vals[1 - i]
     batch = x.shape[x_axis]
     num_rows = t.shape[0] if u is t else t.shape[0] + u.shape[0]
@@ -564,8 +565,7 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
     else:
         total = _sum_over_chunks(chunk_sum, (x, t, u), (x_axis, out_axis + 1, out_axis + 1),
                                  size, shape, dtype)
-    diag = (total / t.shape[0]).astype(dtype)
-    return jnp.transpose(diag, _inverse_permutation(order))
+    return jnp.transpose(total.astype(dtype), _inverse_permutation(order))
 
 
 def _free_axes(node, i):

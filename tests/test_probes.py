@@ -96,6 +96,14 @@ def test_leading_sum_bfloat16_in_float32():
     assert _probes.probe_mean(x).dtype == jnp.bfloat16
 
 
+def test_probe_mean_float16_no_overflow():
+    """20,000 probes of 9 each sum to 180,000, above float16's largest value 65,504."""
+    x = jnp.full((20000, 2), 9.0, jnp.float16)
+    mean = _probes.probe_mean(x)
+    assert mean.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(mean, np.float32), [9.0, 9.0])
+
+
 def test_salted_draws_uncorrelated():
     key = _probes.fold(jax.random.key(10), 3)
     draws = np.stack([np.asarray(_probes.draw(key, (4096,), jnp.float32, "rademacher", salt))

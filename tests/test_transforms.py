@@ -97,6 +97,20 @@ def test_bfloat16_mean_close():
     assert jnp.allclose(estimate.astype(jnp.float64), exact, atol=0.3, rtol=0.1)
 
 
+@pytest.mark.parametrize("separable", [True, False])
+def test_float16_many_probes_finite(separable):
+    """The probe sum exceeds float16's range; the mean must not (it did: -inf)."""
+    x = jnp.linspace(-1, 1, 5).astype(jnp.float16)
+
+    def fun(x):
+        return jnp.sum(jnp.sin(3 * x))
+
+    estimate = cpjax.cp_hessian_diag(fun, num_samples=20000, separable=separable)(
+        x, key=jax.random.key(2))
+    exact = -9 * jnp.sin(3 * x.astype(jnp.float32))
+    assert np.allclose(np.asarray(estimate, np.float32), exact, rtol=0.01, atol=0.01)
+
+
 SHARDED = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
