@@ -149,8 +149,8 @@ def build_program(closed_jaxpr) -> Program:
 def build_grouped_program(closed_jaxpr) -> Program:
     """Flatten `closed_jaxpr` like `build_program`, then group softmaxes and chains.
 
-    Used for the bodies of loops, branches and shard_maps, so that they get the same
-    grouped nodes as the top-level program.
+    Used for the bodies of loops and branches, so that they get the same grouped nodes as
+    the top-level program.
     """
     return _fuse_groups(build_program(closed_jaxpr))
 

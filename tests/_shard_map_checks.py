@@ -106,6 +106,21 @@ def check_jit_matches_eager():
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-12, atol=1e-12)
 
 
+def check_softmax_and_gelu_in_body_unbiased():
+    """A softmax and a GELU inside the body, which cpjax keeps as separate equations there."""
+    def loss(w, x):
+        def body(w, x):
+            h = x @ w
+            return jax.lax.psum(jnp.sum(jnp.sin(jax.nn.softmax(h, axis=-1))
+                                        + jax.nn.gelu(h) ** 2), "x")
+
+        return jax.shard_map(body, mesh=eight_devices(), in_specs=(P(), P("x")),
+                             out_specs=P())(w, x)
+
+    w, x = inputs()
+    assert_unbiased(cpjax.cp_hessian_diag(loss), (w, x), cpjax.exact_hessian_diag(loss)(w, x))
+
+
 def check_unchecked_shard_map_rejected():
     def loss(w, x):
         body = lambda w, x: jax.lax.psum(jnp.sum(jnp.tanh(x @ w)), "x")  # noqa: E731

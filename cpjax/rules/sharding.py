@@ -40,9 +40,11 @@ register(Rule(), *COLLECTIVES)
 
 def _body_plan(node, info, symmetric_allowed):
     from cpjax._sweep import make_plan
-    from cpjax._trace import build_grouped_program
+    from cpjax._trace import build_program
 
-    program = build_grouped_program(jcore.ClosedJaxpr(node.params["jaxpr"], ()))
+    # Not grouped: a grouped call is traced outside the shard_map, so its values would lose
+    # the record of the mesh axes they vary over, and the body's VJPs reject that.
+    program = build_program(jcore.ClosedJaxpr(node.params["jaxpr"], ()))
     return make_plan(program, list(info.deps), list(info.out_signs), prune=info.prune,
                      allow_symmetric=symmetric_allowed)
 
