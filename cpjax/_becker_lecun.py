@@ -24,7 +24,7 @@ from cpjax._errors import CurvatureError
 from cpjax._trace import Var, bind_node
 from cpjax.rules import RULES, Rule, rule_for
 from cpjax.rules.binary import BinaryRule, sum_to_shape
-from cpjax.rules.composite import _log_softmax_axes, row_blocks, summed_axes
+from cpjax.rules.composite import _log_softmax_axes, row_blocks, softmax_centre, summed_axes
 from cpjax.rules.elementwise import ElementwiseRule
 
 _BILINEAR = (lax.dot_general_p, lax.conv_general_dilated_p)
@@ -111,7 +111,7 @@ def _softmax(node, p, ybar, d_out):
     softmax rule) has the diagonal `c (1 − 2p)`, with `c` the gradient.
     """
     axes = summed_axes(node.eqn)
-    grad = p * (ybar - jnp.sum(ybar * p, axis=axes, keepdims=True))
+    grad = softmax_centre(p, p * ybar, axes)
     diag = grad * (1 - 2 * p)
     if d_out is not None:
         # (J ∘ J)ᵀ D = p² (D (1 − 2p) + Σ p² D)

@@ -53,14 +53,14 @@ def _softmax_group(div, producers, uses, silent):
         return None
 
     shape, axes = g.aval.shape, total.params["axes"]
-    kept = tuple(k for k in range(len(shape)) if k not in axes)
+    kept_axes = tuple(k for k in range(len(shape)) if k not in axes)
     # The sum comes back along its axes at size 1 (the quotient then broadcasts it) or at
     # full size.
     allowed_sizes = [(1, n) if k in axes else (n,) for k, n in enumerate(shape)]
     out_shape = broadcast.params["shape"]
     if (len(out_shape) != len(shape) or div.outvars[0].aval.shape != shape
             or any(n not in sizes for n, sizes in zip(out_shape, allowed_sizes, strict=True))
-            or tuple(broadcast.params["broadcast_dimensions"]) != kept):
+            or tuple(broadcast.params["broadcast_dimensions"]) != kept_axes):
         return None
 
     group = [exp, total, broadcast, div]

@@ -284,6 +284,11 @@ def _call_is_piecewise_linear(eqn) -> bool:
     return _is_piecewise_linear(eqn.params["jaxpr"], len(eqn.invars))
 
 
+def softmax_centre(p, w, axes):
+    """Return `w − p Σ w`, the sum over the softmax `axes`: with `w = p ⊙ ȳ`, its VJP."""
+    return w - p * jnp.sum(w, axis=axes, keepdims=True)
+
+
 class SoftmaxRule(StructuredRule):
     """`p = softmax(f)` over some axes, written out and kept whole (see `cpjax._softmax`).
 
@@ -311,11 +316,7 @@ class SoftmaxRule(StructuredRule):
 
     def backward(self, ctx, p, ybar, rows):
         axes = summed_axes(ctx.node.eqn)
-
-        def centre(w, axes):
-            return w - p * jnp.sum(w, axis=axes, keepdims=True)
-
-        grad = centre(p * ybar[0], axes)
+        grad = softmax_centre(p, p * ybar[0], axes)
         rows_axes = tuple(a + 1 for a in axes)  # axis 0 indexes the rows
         w = None if rows[0] is None else p * rows[0]
         if ctx.ybar[0] is not None and ctx.kind is not Curvature.NONE:
@@ -323,7 +324,7 @@ class SoftmaxRule(StructuredRule):
             u = safe_sqrt(jnp.abs(grad)) * ctx.draw(f.shape, f.dtype)
             injection = u if ctx.symmetric else jnp.concatenate([u, jnp.sign(grad) * u])
             w = injection if w is None else w + injection
-        return [grad], [None if w is None else centre(w, rows_axes)]
+        return [grad], [None if w is None else softmax_centre(p, w, rows_axes)]
 
 
 def _second_partial(node, vals, i, j):
