@@ -285,7 +285,7 @@ def _call_is_piecewise_linear(eqn) -> bool:
 
 
 def softmax_centre(p, w, axes):
-    """Return `w − p Σ w`, the sum over the softmax `axes`: with `w = p ⊙ ȳ`, its VJP."""
+    """Return `w − p Σ w`, summed over the softmax `axes`. For `w = p ⊙ ȳ` it is the VJP."""
     return w - p * jnp.sum(w, axis=axes, keepdims=True)
 
 
