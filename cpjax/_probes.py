@@ -4,10 +4,11 @@ Every equation that injects curvature draws its own probes, so one sweep draws f
 keys. With `jax.random.fold_in` and `jax.random.bits`, each draw is a threefry computation,
 and on CPU compiling those took longer than compiling the rest of a one-probe sweep (2.5 s
 against 0.9 s for a three-layer MLP). The sweep therefore derives its keys and its
-Rademacher signs with a counter-based integer hash of the key's data: a few multiplications
-and shifts per 32 signs, which XLA fuses into the code that uses them. The user's key keeps
-its meaning: the same key gives the same probes, and keys from `jax.random.split` give
-independent-looking streams. Gaussian probes use `jax.random.normal` on a derived key.
+Rademacher signs with a counter-based integer hash of the key's data: three integer
+multiplications and four shifts per sign, which XLA fuses into the code that uses them.
+The user's key keeps its meaning: the same key gives the same probes, and keys from
+`jax.random.split` give independent-looking streams. Gaussian probes use
+`jax.random.normal` on a derived key.
 """
 
 from __future__ import annotations
@@ -58,20 +59,16 @@ def fold(key, data):
     return jax.random.wrap_key_data(jnp.stack(new, axis=-1), impl=jax.random.key_impl(key))
 
 
-def _bits(key, n, salt=0):
-    """Return `n` pseudo-random uint32 words: two rounds of the hash over a counter.
+def _seed(key, salt=0):
+    """Return one uint32 word that depends on every word of the key and on `salt`.
 
-    Each `salt` gives its own stream; it enters the seed as a constant, so it adds no
-    operations to the compiled program.
+    `salt` enters as a constant computed at trace time, so it adds no operations.
     """
     words = _words(key)
-    salt_word = _mix_constant(salt)
-    seed = lax.bitwise_xor(words[0], salt_word)
+    seed = _mix(lax.bitwise_xor(words[0], _mix_constant(salt)))
     for word in words[1:]:
         seed = _mix(lax.bitwise_xor(seed, word))
-    counter = lax.iota(jnp.uint32, n)
-    start = lax.bitwise_xor(lax.mul(counter, _GOLDEN), lax.bitwise_xor(words[0], salt_word))
-    return _mix(lax.add(_mix(start), seed))
+    return seed
 
 
 def _mix_constant(value: int):
@@ -86,14 +83,18 @@ def _mix_constant(value: int):
 
 
 def _rademacher(key, shape, dtype, salt=0):
-    """Return ±1 entries, 32 of them from each hashed 32-bit word."""
-    n = math.prod(shape)
-    num_words = (n + 31) // 32
-    words = lax.broadcast_in_dim(_bits(key, num_words, salt), (num_words, 32), (0,))
-    shifts = lax.broadcasted_iota(jnp.uint32, (num_words, 32), 1)
-    bits = lax.bitwise_and(lax.shift_right_logical(words, shifts), np.uint32(1))
-    bits = lax.slice(bits.reshape(-1), (0,), (n,)).astype(dtype)
-    return lax.sub(lax.mul(bits, np.array(2, dtype)), np.array(1, dtype)).reshape(shape)
+    """Return ±1 entries: the top bit of a hash of each entry's index, keyed by `_seed`.
+
+    There is one hash per entry, not one per 32 entries with a shift and a mask for each.
+    XLA fuses the draw into the code that multiplies by it, and there the shared form
+    recomputed each entry's word anyway. In runs of both forms in one process, ten probes on
+    the suite's 10k MLP took 3.0 against 4.9 ms, and on its 0.5M transformer 88 against
+    106 ms. The CNNs ran at the same speed with either form.
+    """
+    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    hashed = _mix(lax.bitwise_xor(lax.mul(index, _GOLDEN), _seed(key, salt)))
+    negative = lax.shift_right_logical(hashed, np.uint32(31)).astype(dtype)
+    return lax.sub(np.array(1, dtype), lax.mul(negative, np.array(2, dtype)))
 
 
 def draw(key, shape, dtype, kind: str, salt: int = 0):
