@@ -91,7 +91,13 @@ def _rademacher(key, shape, dtype, salt=0):
     the suite's 10k MLP took 3.0 against 4.9 ms, and on its 0.5M transformer 88 against
     106 ms. The CNNs ran at the same speed with either form.
     """
-    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    size = math.prod(shape)
+    if size > 2**32:
+        raise ValueError(
+            f"cpjax draws Rademacher probes by a 32-bit counter, so one draw has at most 2^32 "
+            f"entries; got shape {shape} ({size:,} entries). Pass a smaller sample_chunk_size "
+            "(the leading axis counts probes), or probe='gaussian'.")
+    index = lax.iota(jnp.uint32, size).reshape(shape)
     hashed = _mix(lax.bitwise_xor(lax.mul(index, _GOLDEN), _seed(key, salt)))
     negative = lax.shift_right_logical(hashed, np.uint32(31)).astype(dtype)
     return lax.sub(np.array(1, dtype), lax.mul(negative, np.array(2, dtype)))

@@ -141,3 +141,9 @@ def test_rademacher_no_shifted_repeats():
     assert np.max(np.abs(lagged_correlations(draws[0], draws[0], 2048))) < bound
     for other in draws[1:]:
         assert np.max(np.abs(lagged_correlations(draws[0], other, 2048))) < bound
+
+
+def test_rademacher_too_many_entries_raises():
+    """The 32-bit counter would repeat signs, so a larger draw is an error, not a repeat."""
+    with pytest.raises(ValueError, match="at most 2\\^32 entries"):
+        _probes.draw(jax.random.key(12), (2**16, 2**16 + 1), jnp.float32, "rademacher")
