@@ -114,7 +114,6 @@ def test_salted_draws_uncorrelated():
     assert np.max(np.abs(draws.mean(axis=1))) < Z / np.sqrt(draws.shape[1])
 
 
-
 def lagged_correlations(a, b, max_lag):
     """Return the correlations of `a[i]` with `b[i + lag]` for |lag| ≤ max_lag.
 
