@@ -251,6 +251,25 @@ def atan2_disjoint(a, b):
     return jnp.sum(W[:3] * jnp.arctan2(jnp.sin(3 * a) - 0.5, 0.3 + b))
 
 
+def div_row_broadcast(x):
+    """A layer norm: each row divided by its own standard deviation, broadcast along it."""
+    rows = mix(x).reshape(2, 3)
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    scale = jnp.sqrt((centred**2).mean(axis=1, keepdims=True) + 0.01)
+    return jnp.sum(W.reshape(2, 3) * jnp.tanh(2 * centred / scale))
+
+
+def div_by_row_sum(x):
+    """Only the division is curved: rows over a linear function of themselves."""
+    rows = mix(x).reshape(2, 3)
+    return jnp.sum(W.reshape(2, 3) * rows / (0.2 + rows.sum(axis=1, keepdims=True)))
+
+
+def mul_by_scalar_mean(x):
+    """Only the product is curved: a vector times the scalar mean of another one."""
+    return jnp.sum(W * mix(x) * jnp.mean(x[::-1] * W))
+
+
 def pow_pytree(params):
     u = (0.5 + params["base"]) ** (2 * params["exponent"] - 0.5)
     return jnp.sum(W[:3] * u) + jnp.sum(params["base"] * params["exponent"][::-1] ** 2)
@@ -277,6 +296,9 @@ BINARY = [
     case("pow_disjoint", pow_disjoint, (A, B), (0, 1)),
     case("atan2_disjoint", atan2_disjoint, (A, B), (0, 1)),
     case("pow_pytree", pow_pytree, ({"base": A, "exponent": B},)),
+    case("div_row_broadcast", div_row_broadcast),
+    case("div_by_row_sum", div_by_row_sum),
+    case("mul_by_scalar_mean", mul_by_scalar_mean),
     case("outer_same_leaf", outer_same_leaf),
     case("outer_disjoint", outer_disjoint, (A, B), (0, 1)),
 ]

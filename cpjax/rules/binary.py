@@ -5,6 +5,11 @@ scalar `ȳ φ_aa` (or `ȳ φ_bb`), so `mul` or `div` by a constant injects nothi
 and their leaf sets are disjoint, the cross term `φ_ab` cannot reach the diagonal and is
 dropped for diagonal estimates. Otherwise the block is split per element by its closed-form
 eigendecomposition `Q Λ Qᵀ` into `F = Q|Λ|^½`, `G = Q sign(Λ)|Λ|^½`.
+
+Where one operand is broadcast along the other (a layer norm's divisor, a scalar factor)
+and the full operand's own second partial is zero (`mul`, `div`), the elements that share
+one broadcast entry have a curvature of rank 2, split with two probes per broadcast entry
+(`BinaryRule._inject_arrow`).
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ class BinaryRule(Rule):
         faa, fab, fbb = self.partials(a, b, y)
         dep_a, dep_b = info.dependent(0), info.dependent(1)
         if dep_a and dep_b and not info.disjoint(0, 1):
+            full = self._arrow_operand(a.shape, b.shape, y.shape)
+            if full is not None:
+                return self._inject_arrow(ctx, full, ybar * fab, ybar * (fbb, faa)[full])
             block = self._inject_block(ctx, ybar * faa, ybar * fab, ybar * fbb)
             shapes = [x.shape for x in ctx.invals]
             return [
@@ -104,6 +112,40 @@ class BinaryRule(Rule):
                 fv, gv = split_scalar_curvature(m, v)
                 out.append((i, fv, None if ctx.symmetric else gv))
         return out
+
+    def _arrow_operand(self, shape_a, shape_b, shape_y):
+        """Return the index of the full operand if the other one is broadcast, else None.
+
+        Only where the full operand's own second partial is zero (`mul`, and `div` by a
+        broadcast divisor), so that each group of elements sharing one broadcast entry has
+        an arrow-shaped curvature of rank at most 2.
+        """
+        for full, zero in ((0, self.zero_aa), (1, self.zero_bb)):
+            shapes = (shape_a, shape_b)
+            if zero and shapes[full] == shape_y and shapes[1 - full] != shape_y:
+                return full
+        return None
+
+    def _inject_arrow(self, ctx, full, q, r):
+        """Inject the curvature of one broadcast entry and the elements that share it.
+
+        For a group of elements `x_j` sharing the broadcast entry `z`, the curvature is
+        `[[0, q], [qᵀ, Σ_j r_j]]`: rank 2, spanned by `q / ‖q‖` and `z`. Its 2×2 core
+        `[[0, ‖q‖], [‖q‖, Σ_j r_j]]` is split as in `_inject_block`, with two probes per
+        group instead of two per element, so the rows of `z` carry no sum of independent
+        terms.
+        """
+        shared = ctx.invals[1 - full].shape
+        norm = safe_sqrt(sum_to_shape(q * q, shared))
+        direction = q / jnp.where(norm > 0, norm, 1)
+        total = sum_to_shape(r, shared)
+        (_, f_dir, g_dir), (_, f_shared, g_shared) = self._inject_block(
+            ctx, jnp.zeros_like(norm), norm, total)
+        # A scalar shared entry has no size-1 axes to broadcast along: add them.
+        lead = f_dir.shape[:f_dir.ndim - len(shared)]
+        expanded = lead + (1,) * (direction.ndim - len(shared)) + tuple(shared)
+        f_dir, g_dir = f_dir.reshape(expanded), g_dir.reshape(expanded)
+        return [(full, direction * f_dir, direction * g_dir), (1 - full, f_shared, g_shared)]
 
     @staticmethod
     def _inject_block(ctx, p, q, r):
