@@ -200,8 +200,9 @@ class RowwiseCallRule(Rule):
     as `M = V Λ Vᵀ`: `F v = V |Λ|^½ v`, `G v = V sign(Λ) |Λ|^½ v`.
 
     NOTE: since the inlined division by a broadcast divisor is split per row (rank 2, see
-    `rules/binary.py`), the inlined form had less variance in a test (49 against 58, summed
-    over a 3 × 6 layer norm). Whether this rule still helps on real models is not measured.
+    `rules/binary.py`), the inlined form has had less variance: 49 against 58 summed over a
+    3 × 6 layer norm, and a variance ratio of 5.5e4 against 7.6e4 on the two-block
+    transformer of `benchmarks/transformer_variance.py`. This rule may now cost variance.
     """
 
     def curvature(self, node, info):
