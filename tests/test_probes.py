@@ -131,8 +131,8 @@ def test_rademacher_no_shifted_repeats():
     """A stream, and the streams of neighbouring equations, do not repeat at a shift.
 
     A counter hash whose key only offsets the counter would repeat another key's signs at
-    a shift, with a correlation near 1. Over 4,097 lags and 16,384 entries the largest
-    |z| of independent signs is about 4.5.
+    a shift, with a correlation near 1. Over 4,097 lags of 16,384 independent signs, the
+    largest |z| is an estimated 4.5.
     """
     key = jax.random.key(11)
     draws = [signs(_probes.fold(key, i), (16384,)).astype(np.float64) for i in range(4)]

@@ -116,12 +116,12 @@ class BinaryRule(Rule):
     def _arrow_operand(self, shape_a, shape_b, shape_y):
         """Return the index of the full operand if the other one is broadcast, else None.
 
-        Only where the full operand's own second partial is zero (`mul`, and `div` by a
-        broadcast divisor), so that each group of elements sharing one broadcast entry has
+        The full operand must have a zero second partial of its own (`mul`, and `div` by a
+        broadcast divisor). Then each group of elements that share one broadcast entry has
         an arrow-shaped curvature of rank at most 2.
         """
+        shapes = (shape_a, shape_b)
         for full, zero in ((0, self.zero_aa), (1, self.zero_bb)):
-            shapes = (shape_a, shape_b)
             if zero and shapes[full] == shape_y and shapes[1 - full] != shape_y:
                 return full
         return None
