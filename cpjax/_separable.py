@@ -568,6 +568,19 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
     return jnp.transpose(total.astype(dtype), _inverse_permutation(order))
 
 
+def _after(x, y):
+    """Return `x` unchanged, but computed from a value of `y`, so no earlier than `y`.
+
+    XLA's CPU backend drops optimization barriers before it schedules, so a data
+    dependence is what orders two computations there. The added term is
+    `min(|y₀|, 0)`: zero, or NaN where `y₀` is NaN (the estimate is then NaN anyway). Its
+    gradient is stopped, since at `y₀ = 0` the minimum's would not be zero.
+    """
+    first = jnp.abs(y.reshape(-1)[0])
+    zero = lax.stop_gradient(jnp.minimum(first, jnp.zeros((), first.dtype)))
+    return x + zero.astype(x.dtype)
+
+
 def _free_axes(node, i):
     """Axes of operand `i` of a `dot_general` that are neither batch nor contracting."""
     (contract_l, contract_r), (batch_l, batch_r) = node.params["dimension_numbers"]
@@ -607,12 +620,18 @@ def _per_example_dims(node, i, out_axis):
 
 
 def _dot_general_diagonal(node, site, vals, t, u):
-    """`VJP_W(o ∘ o, mean_k T_k ∘ U_k)`: the per-example squares in one matrix product."""
+    """`VJP_W(o ∘ o, mean_k T_k ∘ U_k)`: the per-example squares in one matrix product.
+
+    The squares are formed after the rows' product (see `_after`). Formed from the
+    forward pass's values alone, they were scheduled with the forward pass and held
+    through the backward sweep. One probe on the suite's 10k and 0.4M MLPs then had 1.50
+    and 2.38 MiB of temporaries. Now it has 1.25 and 2.01 MiB.
+    """
     i = site.input_index
-    other = vals[1 - i]
+    ct = _probes.probe_mean(t * u)
+    other = _after(vals[1 - i], ct)
     squared = [None, None]
     squared[1 - i] = other * other
-    ct = _probes.probe_mean(t * u)
 
     def product(w):
         operands = list(squared)

@@ -522,3 +522,16 @@ def test_conv_kernel_rows_match_vjp(config):
     want = jax.vmap(lambda r: vjp(r)[0])(rows)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("first", [0.0, -2.5, np.inf, -np.inf])
+def test_after_leaves_values_and_gradients(first):
+    """The dependence `_after` adds is zero, with a zero gradient, unless y₀ is NaN."""
+    x = jnp.array([[-1.5, 0.0], [2.0, 3.0]])
+    y = jnp.array([first, np.nan])  # only the first entry is read
+    np.testing.assert_array_equal(_separable._after(x, y), x)
+    np.testing.assert_array_equal(_separable._after(x.at[1, 1].set(np.inf), y)[1, 1], np.inf)
+    grad_x, grad_y = jax.grad(lambda x, y: _separable._after(x, y).sum(), (0, 1))(x, y)
+    np.testing.assert_array_equal(grad_x, jnp.ones_like(x))
+    np.testing.assert_array_equal(grad_y, jnp.zeros_like(y))
+    assert jnp.isnan(_separable._after(x, jnp.array([np.nan]))).all()
