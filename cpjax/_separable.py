@@ -368,7 +368,10 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
     half = num_rows if symmetric else num_rows // 2
 
     def chunk_sum(x_chunk, rows_chunk):
-        patches = _patches(node, x_chunk.astype(dtype))  # (batch, positions, in · window)
+        # (batch, positions, in · window), formed only once the rows are there (see
+        # `_after`). Formed from the input alone, the first convolution's patches were held
+        # from the forward pass on: 5.58 against 4.99 MiB for one probe on the 10k CNN.
+        patches = _patches(node, _after(x_chunk.astype(dtype), rows_chunk))
 
         def kernel_cotangents(r):  # (batch, probes, out features, in features · window)
             return lax.dot_general(r, patches, (((2,), (1,)), ((1,), (0,))))
