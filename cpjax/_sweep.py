@@ -18,7 +18,7 @@ from jax import lax
 from cpjax import _analysis, _probes, _separable
 from cpjax._errors import CurvatureError
 from cpjax._trace import Program, Var, bind_node
-from cpjax.rules import Context, Curvature, StaticInfo, StructuredRule, rule_for
+from cpjax.rules import STACKED, Context, Curvature, StaticInfo, StructuredRule, rule_for
 
 
 @dataclasses.dataclass
@@ -276,7 +276,7 @@ def _visit(state: _SweepState, node, linearized):
     if state.plan.kinds[node.index] is Curvature.NONE or all(y is None for y in ybar):
         return
     for i, fv, gv in _call_rule(node, lambda: rule.inject(ctx)):
-        if state.plan.symmetric:
+        if state.plan.symmetric or gv is STACKED:
             state.rows.add(node.invars[i], fv)
         else:
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))

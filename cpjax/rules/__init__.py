@@ -13,6 +13,7 @@ from cpjax.rules import bilinear, binary, composite, elementwise, sharding, zero
 from cpjax.rules._base import (
     COMPOSITE_RULES,
     RULES,
+    STACKED,
     Context,
     Curvature,
     Rule,
@@ -22,7 +23,7 @@ from cpjax.rules._base import (
 from cpjax.rules.fallback import FALLBACK, FallbackRule, FallbackWarning
 
 __all__ = [
-    "COMPOSITE_RULES", "RULES", "Context", "Curvature", "FALLBACK", "FallbackRule",
+    "COMPOSITE_RULES", "RULES", "STACKED", "Context", "Curvature", "FALLBACK", "FallbackRule",
     "FallbackWarning", "Rule", "SPECIAL", "StaticInfo", "StructuredRule", "has_rule",
     "rule_for", "supported_primitives", "supported_primitives_markdown",
 ]

@@ -85,8 +85,16 @@ class Rule:
         return Curvature.NONE
 
     def inject(self, ctx: Context) -> list:
-        """Return a list of `(input_index, F v, G v)`; `G v` is None when it equals `F v`."""
+        """Return a list of `(input_index, F v, G v)`.
+
+        `G v` is None when it equals `F v`. It is `STACKED` when the second item already
+        contains `[F v; G v]`, stacked along the probe axis.
+        """
         return []
+
+
+# Marker for rows that a rule returns as `[F v; G v]`, stacked along the probe axis.
+STACKED = "stacked"
 
 
 class StructuredRule(Rule):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cpjax.rules._base import (
+    STACKED,
     Curvature,
     Rule,
     register,
@@ -130,22 +131,36 @@ class BinaryRule(Rule):
         """Inject the curvature of one broadcast entry and the elements that share it.
 
         For a group of elements `x_j` sharing the broadcast entry `z`, the curvature is
-        `[[0, q], [qᵀ, Σ_j r_j]]`: rank 2, spanned by `q / ‖q‖` and `z`. Its 2×2 core
-        `[[0, ‖q‖], [‖q‖, Σ_j r_j]]` is split as in `_inject_block`, with two probes per
-        group instead of two per element, so the rows of `z` carry no sum of independent
-        terms.
+        `[[0, q], [qᵀ, s]]` with `s = Σ_j r_j`: rank 2, spanned by `q / ‖q‖` and `z`, with
+        two probes per group instead of two per element, so the rows of `z` carry no sum of
+        independent terms. The core `[[0, ‖q‖], [‖q‖, s]]` has eigenvalues
+        `λ± = s/2 ± ρ`, `ρ = √(s²/4 + ‖q‖²)`, so `λ+ ≥ 0 ≥ λ-` and `λ+ λ- = -‖q‖²`. Its
+        symmetric split (the one of `_inject_block`) simplifies to
+        `F w = (q (w₁ - w₂), λ+ w₁ - λ- w₂) / √(2ρ)` and `G w = (q (w₁ + w₂), λ+ w₁ + λ- w₂)
+        / √(2ρ)`: one square root per group, and no division by `‖q‖`.
         """
         shared = ctx.invals[1 - full].shape
-        norm = safe_sqrt(sum_to_shape(q * q, shared))
-        direction = q / jnp.where(norm > 0, norm, 1)
-        total = sum_to_shape(r, shared)
-        (_, f_dir, g_dir), (_, f_shared, g_shared) = self._inject_block(
-            ctx, jnp.zeros_like(norm), norm, total)
+        # Sum ‖q‖² and s in one reduction.
+        squares, total = sum_to_shape(jnp.stack([q * q, r]), shared, 1)
+        half = 0.5 * total
+        rho = safe_sqrt(half * half + squares)
+        # Where ρ = 0, q and s are 0 too, so every row is 0 whatever the divisor.
+        divisor = jnp.sqrt(2 * jnp.where(rho > 0, rho, 0.5))
+        w1 = ctx.draw(rho.shape, rho.dtype, salt=0)
+        w2 = ctx.draw(rho.shape, rho.dtype, salt=1)
+        positive = (half + rho) * w1 / divisor
+        negative = (half - rho) * w2 / divisor
         # A scalar shared entry has no size-1 axes to broadcast along: add them.
-        lead = f_dir.shape[:f_dir.ndim - len(shared)]
-        expanded = lead + (1,) * (direction.ndim - len(shared)) + tuple(shared)
-        f_dir, g_dir = f_dir.reshape(expanded), g_dir.reshape(expanded)
-        return [(full, direction * f_dir, direction * g_dir), (1 - full, f_shared, g_shared)]
+        lead = w1.shape[:w1.ndim - len(shared)]
+        expanded = lead + (1,) * (q.ndim - len(shared)) + tuple(shared)
+        f_probes = ((w1 - w2) / divisor).reshape(expanded)
+        g_probes = ((w1 + w2) / divisor).reshape(expanded)
+        shared_rows = (1 - full, positive - negative, positive + negative)
+        if ctx.symmetric:
+            return [(full, q * f_probes, q * g_probes), shared_rows]
+        # F v and G v of the full operand as one product, so the sum of rows reads one array.
+        stacked = jnp.concatenate([f_probes, g_probes])
+        return [(full, q * stacked, STACKED), shared_rows]
 
     @staticmethod
     def _inject_block(ctx, p, q, r):
