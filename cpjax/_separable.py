@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as prims
 
-from cpjax import _axes, _probes
+from cpjax import _axes, _probes, _schedule
 from cpjax._trace import Var, bind_node, variable_uses
 from cpjax.rules import Curvature
 
@@ -190,10 +190,11 @@ class SeparableLeaves:
         return [k for k in targets if dep_idx[k] not in site_inputs]
 
     def visit(self, node, vals, env, tu, dep_idx):
+        """Form the diagonal at each site of `node`; return them (empty without rows)."""
         if tu[0] is None:
-            return
-        for site in self.sites.get(node.index, []):
-            self._visit_site(node, site, vals, env, tu[0])
+            return []
+        return [self._visit_site(node, site, vals, env, tu[0])
+                for site in self.sites.get(node.index, [])]
 
     def _visit_site(self, node, site, vals, env, rows):
         k, symmetric = self.plan_samples(rows), self.plan.symmetric
@@ -213,6 +214,7 @@ class SeparableLeaves:
             diag = jax.vjp(lambda z, n=chain_node: bind_node(n, [z])[0], x)[1](
                 diag.astype(env[chain_node.outvars[0]].dtype))[0]
         self.diagonals[site.position] = diag
+        return diag
 
     def plan_samples(self, rows):
         return rows.shape[0] if self.plan.symmetric else rows.shape[0] // 2
@@ -368,9 +370,9 @@ def _conv_per_example_diagonal(node, vals, rows, symmetric):
     half = num_rows if symmetric else num_rows // 2
 
     def chunk_sum(x_chunk, rows_chunk):
-        # The patches wait for the rows (see `_after`). Otherwise the first convolution's
+        # The patches wait for the rows (see `_schedule.after`). Otherwise the first convolution's
         # were held from the forward pass on (10k CNN, one probe: 5.58 against 4.99 MiB).
-        patches = _patches(node, _after(x_chunk.astype(dtype), rows_chunk))
+        patches = _patches(node, _schedule.after(x_chunk.astype(dtype), rows_chunk))
 
         def kernel_cotangents(r):  # (batch, probes, out features, in features · window)
             return lax.dot_general(r, patches, (((2,), (1,)), ((1,), (0,))))
@@ -592,19 +594,6 @@ def _dot_per_example_diagonal(node, site, vals, t, u):
     return jnp.transpose(total.astype(dtype), _inverse_permutation(order))
 
 
-def _after(x, y):
-    """Return `x` unchanged, but computed from a value of `y`, so no earlier than `y`.
-
-    XLA's CPU backend drops optimization barriers before it schedules, so a data
-    dependence is what orders two computations there. The added term is
-    `min(|y₀|, 0)`: zero, or NaN where `y₀` is NaN (the estimate is then NaN anyway). Its
-    gradient is stopped, since at `y₀ = 0` the minimum's would not be zero.
-    """
-    first = jnp.abs(y.reshape(-1)[0])
-    zero = lax.stop_gradient(jnp.minimum(first, jnp.zeros((), first.dtype)))
-    return x + zero.astype(x.dtype)
-
-
 def _free_axes(node, i):
     """Axes of operand `i` of a `dot_general` that are neither batch nor contracting."""
     (contract_l, contract_r), (batch_l, batch_r) = node.params["dimension_numbers"]
@@ -646,14 +635,14 @@ def _per_example_dims(node, i, out_axis):
 def _dot_general_diagonal(node, site, vals, t, u):
     """`VJP_W(o ∘ o, mean_k T_k ∘ U_k)`: the per-example squares in one matrix product.
 
-    The squares are formed after the rows' product (see `_after`). Formed from the
+    The squares are formed after the rows' product (see `_schedule.after`). Formed from the
     forward pass's values alone, they were scheduled with the forward pass and held
     through the backward sweep. One probe on the suite's 10k and 0.4M MLPs then had 1.50
     and 2.38 MiB of temporaries, against 1.25 and 2.01 MiB in this order.
     """
     i = site.input_index
     ct = _probes.probe_mean(t * u)
-    other = _after(vals[1 - i], ct)
+    other = _schedule.after(vals[1 - i], ct)
     squared = [None, None]
     squared[1 - i] = other * other
 

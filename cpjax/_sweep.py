@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpjax import _analysis, _probes, _separable
+from cpjax import _analysis, _probes, _schedule, _separable
 from cpjax._errors import CurvatureError
 from cpjax._trace import Program, Var, bind_node
 from cpjax.rules import STACKED, Context, Curvature, StaticInfo, StructuredRule, rule_for
@@ -299,6 +299,10 @@ def _visit(state: _SweepState, node, linearized):
         key=state.node_key(state.key, node), num_samples=state.num_samples,
         probe=state.probe, symmetric=state.plan.symmetric, kind=state.plan.kinds[node.index],
     )
+    if not isinstance(rule, StructuredRule):
+        # Draw the probes once the rows from above exist, so that XLA does not form the
+        # injection early and keep it alive (ten probes, 0.4M MLP: 22.8 -> 18.0 MiB).
+        ctx.wait_for = next((t for t in tu if t is not None), None)
     if isinstance(rule, StructuredRule):
         in_grads, in_rows = _call_rule(node, lambda: rule.backward(ctx, vjp_fn, ybar_full, tu))
         for k, i in enumerate(dep_idx):
@@ -310,16 +314,19 @@ def _visit(state: _SweepState, node, linearized):
     targets = list(range(len(dep_idx)))
     if state.separable is not None:
         targets = state.separable.row_targets(node, dep_idx, targets)
+    diagonals = _diagonals_first(state, node, vals, tu, dep_idx)
     if targets and any(t is not None for t in tu):
         tu_full = [_zeros_rows(state.n_rows, env[v]) if t is None else t
                    for v, t in zip(float_vars, tu, strict=True)]
+        if diagonals:
+            tu_full = [_schedule.after(t, diagonals[0]) for t in tu_full]
         in_rows = _replace_conv_kernel_rows(node, vals, dep_idx, targets, tu_full,
                                             jax.vmap(vjp_fn)(tu_full))
     for k, i in enumerate(dep_idx):
         state.grads.add(node.invars[i], in_grads[k])
         if k in targets:
             state.rows.add(node.invars[i], in_rows[k])
-    if state.separable is not None:
+    if state.separable is not None and diagonals is None:
         state.separable.visit(node, vals, env, tu, dep_idx)
     if state.plan.kinds[node.index] is Curvature.NONE or all(y is None for y in ybar):
         return
@@ -328,6 +335,23 @@ def _visit(state: _SweepState, node, linearized):
             state.rows.add(node.invars[i], fv)
         else:
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
+
+
+def _diagonals_first(state: _SweepState, node, vals, tu, dep_idx):
+    """Form the separable diagonals of a matrix product before its rows' VJP; None otherwise.
+
+    The rows' VJP then waits for them (`_schedule.after`), so the per-example squares and
+    T ⊙ U are freed before the VJP allocates its output. Left to itself, XLA's CPU backend
+    scheduled the diagonal after the VJP. Peak memory of one probe on the suite's 10k MLP
+    fell from 2.45 to 2.03 times value_and_grad's, and temporaries of ten probes on its
+    0.4M MLP and transformer from 18.0 to 12.5 MiB and from 61.8 to 42.0 MiB. Run times
+    changed by -8 % to +6 % (slower with one probe, faster with ten). On convolutions the
+    same order cost 11 to 13 % of one probe's time, so they keep XLA's order.
+    """
+    if (state.separable is None or node.primitive is not lax.dot_general_p
+            or not state.separable.sites.get(node.index)):
+        return None
+    return state.separable.visit(node, vals, state.env, tu, dep_idx)
 
 
 def _materialize(rows):

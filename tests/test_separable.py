@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cpjax
-from cpjax import _axes, _separable
+from cpjax import _axes, _schedule, _separable
 from cpjax._api import _diff_positions
 from cpjax._separable import SeparableLeaves
 from cpjax._sweep import make_plan
@@ -529,9 +529,9 @@ def test_after_leaves_values_and_gradients(first):
     """The dependence `_after` adds is zero, with a zero gradient, unless y₀ is NaN."""
     x = jnp.array([[-1.5, 0.0], [2.0, 3.0]])
     y = jnp.array([first, np.nan])  # only the first entry is read
-    np.testing.assert_array_equal(_separable._after(x, y), x)
-    np.testing.assert_array_equal(_separable._after(x.at[1, 1].set(np.inf), y)[1, 1], np.inf)
-    grad_x, grad_y = jax.grad(lambda x, y: _separable._after(x, y).sum(), (0, 1))(x, y)
+    np.testing.assert_array_equal(_schedule.after(x, y), x)
+    np.testing.assert_array_equal(_schedule.after(x.at[1, 1].set(np.inf), y)[1, 1], np.inf)
+    grad_x, grad_y = jax.grad(lambda x, y: _schedule.after(x, y).sum(), (0, 1))(x, y)
     np.testing.assert_array_equal(grad_x, jnp.ones_like(x))
     np.testing.assert_array_equal(grad_y, jnp.zeros_like(y))
-    assert jnp.isnan(_separable._after(x, jnp.array([np.nan]))).all()
+    assert jnp.isnan(_schedule.after(x, jnp.array([np.nan]))).all()

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from cpjax import _probes
+from cpjax import _probes, _schedule
 
 
 class Curvature(enum.Enum):
@@ -73,9 +73,13 @@ class Context:
     # (the model part of a Gauss-Newton product), so structured rules must check it.
     kind: Curvature | None = None
 
+    # Rows the probes are drawn after (a schedule hint, see `cpjax._schedule`), or None.
+    wait_for: Any = None
+
     def draw(self, shape, dtype, salt: int = 0):
         """Draw `num_samples` probes of `shape`, independent for each `salt`."""
-        return _probes.draw(self.key, (self.num_samples, *shape), dtype, self.probe, salt)
+        v = _probes.draw(self.key, (self.num_samples, *shape), dtype, self.probe, salt)
+        return v if self.wait_for is None else _schedule.after(v, self.wait_for)
 
 
 class Rule:
