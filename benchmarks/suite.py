@@ -261,7 +261,7 @@ def _cost_entry(cost, name: str) -> float:
 
 
 def compile_method(fn, args, repeats: int = 1):
-    """Lower and compile `fn` for `args`; return `(executable, Measurement)`.
+    """Lower and compile `fn` for `args`, and return `(executable, Measurement)`.
 
     Each of the `repeats` runs starts from empty JAX caches, and the run with the median
     total time gives the times.

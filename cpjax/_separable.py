@@ -190,7 +190,7 @@ class SeparableLeaves:
         return [k for k in targets if dep_idx[k] not in site_inputs]
 
     def visit(self, node, vals, env, tu, dep_idx):
-        """Form the diagonal at each site of `node`; return them (empty without rows)."""
+        """Form and return the diagonal at each site of `node` (none without rows)."""
         if tu[0] is None:
             return []
         return [self._visit_site(node, site, vals, env, tu[0])

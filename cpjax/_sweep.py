@@ -338,7 +338,7 @@ def _visit(state: _SweepState, node, linearized):
 
 
 def _diagonals_first(state: _SweepState, node, vals, tu, dep_idx):
-    """Form the separable diagonals of a matrix product before its rows' VJP; None otherwise.
+    """Return the separable diagonals of a matrix product, formed before its rows' VJP, or None.
 
     The rows' VJP then waits for them (`_schedule.after`), so the per-example squares and
     T ⊙ U are freed before the VJP allocates its output. Left to itself, XLA's CPU backend
