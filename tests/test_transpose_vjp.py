@@ -47,13 +47,13 @@ def test_transpose_vjp_matches_jax_vjp(name):
     vjp_fn = _sweep._transpose_vjp(node, list(args), dep_idx)
     assert vjp_fn is not None, f"no transpose rule used for {node.primitive}"
 
-    def f(*dep_vals):
+    def apply_node(*dep_vals):
         merged = list(args)
         for i, v in zip(dep_idx, dep_vals, strict=True):
             merged[i] = v
         return bind_node(node, merged)[0]
 
-    out, reference = jax.vjp(f, *[args[i] for i in dep_idx])
+    out, reference = jax.vjp(apply_node, *[args[i] for i in dep_idx])
     cotangent = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
     got, want = vjp_fn([cotangent]), reference(cotangent)
     assert len(got) == len(want)
