@@ -99,7 +99,11 @@ def kernel_times(log: str, module: str) -> tuple[float, dict]:
         match = _KERNEL_TIME.search(line)
         if match:
             kind, name, value, unit = match.groups()
-            name = name.removeprefix("__compute_module_").removesuffix("_kernel_module")
+            # XLA names one kernel's modules "[__compute_module_]*NAME[_kernel_module]",
+            # and a matrix product it emits as loops "NAME_elemental".
+            while name.startswith("__compute_module_"):
+                name = name.removeprefix("__compute_module_")
+            name = name.removesuffix("_kernel_module").removesuffix("_elemental")
             times[name][kind == "LLVM"] += float(value) * _UNITS[unit]
     if not times:
         raise SystemExit(f"XLA's log contains no per-kernel compile times for {module}. This "

@@ -140,19 +140,19 @@ class BinaryRule(Rule):
         / √(2ρ)`: one square root per group, and no division by `‖q‖`.
         """
         shared = ctx.invals[1 - full].shape
-        # Sum ‖q‖² and s in one reduction.
-        squares, total = sum_to_shape(jnp.stack([q * q, r]), shared, 1)
+        # Sum ‖q‖² and s in one reduction. The groups' values are formed as flat vectors,
+        # which compile faster (see `split_scalar_curvature`).
+        squares, total = sum_to_shape(jnp.stack([q * q, r]), shared, 1).reshape(2, -1)
         half = 0.5 * total
         rho = safe_sqrt(half * half + squares)
         # Where ρ = 0, q and s are 0 too, so every row is 0 whatever the divisor.
         divisor = jnp.sqrt(2 * jnp.where(rho > 0, rho, 0.5))
         w1 = ctx.draw(rho.shape, rho.dtype, salt=0)
         w2 = ctx.draw(rho.shape, rho.dtype, salt=1)
-        positive = (half + rho) * w1 / divisor
-        negative = (half - rho) * w2 / divisor
+        positive = ((half + rho) * w1 / divisor).reshape(-1, *shared)
+        negative = ((half - rho) * w2 / divisor).reshape(-1, *shared)
         # A scalar shared entry has no size-1 axes to broadcast along: add them.
-        lead = w1.shape[:w1.ndim - len(shared)]
-        expanded = lead + (1,) * (q.ndim - len(shared)) + tuple(shared)
+        expanded = (w1.shape[0],) + (1,) * (q.ndim - len(shared)) + tuple(shared)
         f_probes = ((w1 - w2) / divisor).reshape(expanded)
         g_probes = ((w1 + w2) / divisor).reshape(expanded)
         shared_rows = (1 - full, positive - negative, positive + negative)
