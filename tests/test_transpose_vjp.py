@@ -82,3 +82,45 @@ def test_divisor_not_transposed():
     """A quotient is not linear in its divisor, so `jax.vjp` handles that case."""
     node = _single_node(lax.div, (A, B + 2.0))
     assert _sweep._transpose_vjp(node, [A, B + 2.0], [0, 1]) is None
+
+
+ROW_SCALE = jnp.linspace(0.5, 1.5, 2).reshape(2, 1)
+
+# Products and quotients with an operand broadcast along size-1 axes (or a scalar), whose
+# rows' VJP the sweep forms itself: (function, arguments, indices the sweep differentiates).
+BROADCAST_CASES = {
+    "mul_row_scale": (lax.mul, (A, ROW_SCALE), [0, 1]),
+    "mul_broadcast_only": (lax.mul, (A, ROW_SCALE), [1]),
+    "div_by_row": (lax.div, (A, ROW_SCALE + 1.0), [0, 1]),
+    "div_of_row": (lax.div, (ROW_SCALE, A + 1.0), [0, 1]),
+    "mul_scalar": (lax.mul, (A, jnp.asarray(1.5)), [0, 1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROADCAST_CASES))
+def test_broadcast_operand_rows_match_vmapped_vjp(name):
+    fun, args, dep_idx = BROADCAST_CASES[name]
+    node = _single_node(fun, args)
+    out = bind_node(node, list(args))
+    rows = jnp.stack([jnp.cos(jnp.arange(6.0)).reshape(2, 3), jnp.arange(6.0).reshape(2, 3)])
+    targets = list(range(len(dep_idx)))
+    got = _sweep._broadcast_operand_rows(node, list(args), out, dep_idx, targets, [rows])
+    assert got is not None, f"rows' VJP left to JAX for {name}"
+
+    def apply_node(*dep_vals):
+        merged = list(args)
+        for i, v in zip(dep_idx, dep_vals, strict=True):
+            merged[i] = v
+        return bind_node(node, merged)[0]
+
+    _, vjp_fn = jax.vjp(apply_node, *[args[i] for i in dep_idx])
+    want = jax.vmap(vjp_fn)(rows)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_equal_shapes_left_to_jax():
+    node = _single_node(lax.mul, (A, B))
+    rows = jnp.stack([A, B])
+    assert _sweep._broadcast_operand_rows(node, [A, B], [A * B], [0, 1], [0, 1], [rows]) is None
