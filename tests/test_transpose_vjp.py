@@ -40,12 +40,8 @@ def _single_node(fun, args):
     return program.nodes[0]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_transpose_vjp_matches_jax_vjp(name):
-    fun, args, dep_idx = CASES[name]
-    node = _single_node(fun, args)
-    vjp_fn = _sweep._transpose_vjp(node, list(args), dep_idx)
-    assert vjp_fn is not None, f"no transpose rule used for {node.primitive}"
+def _reference_vjp(node, args, dep_idx):
+    """Return the node's output and `jax.vjp`'s VJP over the arguments in `dep_idx`."""
 
     def apply_node(*dep_vals):
         merged = list(args)
@@ -53,7 +49,17 @@ def test_transpose_vjp_matches_jax_vjp(name):
             merged[i] = v
         return bind_node(node, merged)[0]
 
-    out, reference = jax.vjp(apply_node, *[args[i] for i in dep_idx])
+    return jax.vjp(apply_node, *[args[i] for i in dep_idx])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_transpose_vjp_matches_jax_vjp(name):
+    fun, args, dep_idx = CASES[name]
+    node = _single_node(fun, args)
+    vjp_fn = _sweep._transpose_vjp(node, list(args), dep_idx)
+    assert vjp_fn is not None, f"no transpose rule used for {node.primitive}"
+
+    out, reference = _reference_vjp(node, args, dep_idx)
     cotangent = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
     got, want = vjp_fn([cotangent]), reference(cotangent)
     assert len(got) == len(want)
@@ -107,13 +113,7 @@ def test_broadcast_operand_rows_match_vmapped_vjp(name):
     got = _sweep._broadcast_operand_rows(node, list(args), out, dep_idx, targets, [rows])
     assert got is not None, f"rows' VJP left to JAX for {name}"
 
-    def apply_node(*dep_vals):
-        merged = list(args)
-        for i, v in zip(dep_idx, dep_vals, strict=True):
-            merged[i] = v
-        return bind_node(node, merged)[0]
-
-    _, vjp_fn = jax.vjp(apply_node, *[args[i] for i in dep_idx])
+    _, vjp_fn = _reference_vjp(node, args, dep_idx)
     want = jax.vmap(vjp_fn)(rows)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
