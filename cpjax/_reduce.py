@@ -18,7 +18,8 @@ from jax import lax
 def sum_axes(x, axes, keepdims: bool = False):
     """Return `jnp.sum(x, axis=axes, keepdims=keepdims)`, computed as a product with ones.
 
-    16-bit inputs are summed in float32, at the highest precision, and cast back.
+    `x` is a floating-point array. 16-bit inputs are summed in float32, at the highest
+    precision, and cast back.
 
     Example:
       >>> import jax.numpy as jnp

@@ -400,7 +400,6 @@ def _broadcast_operand_rows(node, vals, outs, dep_idx, targets, tu_full):
     return out
 
 
-
 def _replace_conv_kernel_rows(node, vals, dep_idx, targets, tu_full, in_rows):
     """Replace the kernel rows of an ungrouped convolution with a product of input patches.
 
