@@ -15,11 +15,13 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def sum_axes(x, axes, keepdims: bool = False):
-    """Return `jnp.sum(x, axis=axes, keepdims=keepdims)`, computed as a product with ones.
+def sum_axes(x, axes, keepdims: bool = False, scale: float = 1.0):
+    """Return `scale * jnp.sum(x, axis=axes, keepdims=keepdims)`, as a product with ones.
 
     `x` is a floating-point array. 16-bit inputs are summed in float32, at the highest
-    precision, and cast back.
+    precision, so that no accelerator rounds the summands to a shorter format. The sum is
+    multiplied by `scale` before it is cast back to `x`'s dtype, so that a mean over many
+    entries does not overflow float16 on the way.
 
     Example:
       >>> import jax.numpy as jnp
@@ -29,11 +31,13 @@ def sum_axes(x, axes, keepdims: bool = False):
     """
     axes = tuple(sorted(a % x.ndim for a in axes))
     if not axes:
-        return x
+        return x if scale == 1.0 else (x * scale).astype(x.dtype)
     sum_dtype = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else x.dtype
     ones = jnp.ones([x.shape[a] for a in axes], x.dtype)
     out = lax.dot_general(x, ones, ((axes, tuple(range(len(axes)))), ((), ())),
                           precision=lax.Precision.HIGHEST, preferred_element_type=sum_dtype)
+    if scale != 1.0:
+        out = out * scale
     out = out.astype(x.dtype)
     if keepdims:
         out = out.reshape([1 if a in axes else n for a, n in enumerate(x.shape)])

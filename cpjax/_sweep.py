@@ -17,9 +17,9 @@ from jax import lax
 
 from cpjax import _analysis, _probes, _schedule, _separable
 from cpjax._errors import CurvatureError
-from cpjax._reduce import sum_axes
 from cpjax._trace import Program, Var, bind_node
 from cpjax.rules import STACKED, Context, Curvature, StaticInfo, StructuredRule, rule_for
+from cpjax.rules.binary import sum_to_shape
 
 
 @dataclasses.dataclass
@@ -391,12 +391,7 @@ def _broadcast_operand_rows(node, vals, outs, dep_idx, targets, tu_full):
     out = [None] * len(dep_idx)
     for k in targets:
         i = dep_idx[k]
-        scaled = rows * partials[i]
-        if vals[i].ndim == 0:
-            axes = list(range(1, scaled.ndim))
-        else:
-            axes = [1 + d for d, n in enumerate(vals[i].shape) if n == 1 and y.shape[d] != 1]
-        out[k] = sum_axes(scaled, axes).reshape(rows.shape[0], *vals[i].shape)
+        out[k] = sum_to_shape(rows * partials[i], vals[i].shape, lead=1, by_product=True)
     return out
 
 
