@@ -92,8 +92,9 @@ def test_divisor_not_transposed():
 
 ROW_SCALE = jnp.linspace(0.5, 1.5, 2).reshape(2, 1)
 
-# Products and quotients with an operand broadcast along size-1 axes (or a scalar), whose
-# rows' VJP the sweep forms itself: (function, arguments, indices the sweep differentiates).
+# Products and quotients with an operand broadcast along size-1 axes, or a scalar operand.
+# The sweep forms their rows' VJP itself. Each entry: (function, arguments, indices of the
+# arguments the sweep differentiates).
 BROADCAST_CASES = {
     "mul_row_scale": (lax.mul, (A, ROW_SCALE), [0, 1]),
     "mul_broadcast_only": (lax.mul, (A, ROW_SCALE), [1]),
