@@ -44,6 +44,44 @@ def test_attention_softmax_becomes_one_node():
     assert not [n for n in nodes if n.primitive in (jax.lax.exp_p, jax.lax.div_p)]
 
 
+def multi_head_attention(w, x):
+    """Two heads of width two, split by a reshape, as the suite's transformer does."""
+    q, k, v = ((x @ w[i]).reshape(6, 2, 2) for i in range(3))
+    scores = jnp.einsum("qhd,khd->hqk", q, k)
+    weights = jax.nn.softmax(jnp.where(MASK, scores, -1e9), axis=-1)
+    return jnp.sum(jnp.sin(jnp.einsum("hqk,khd->qhd", weights, v)))
+
+
+def test_flat_stacking_matches_concatenation(monkeypatch):
+    # The bilinear rule stacks [K v_b; v_a] on flat rows (`_stack_flat`) when K > 1. The
+    # estimate must equal the one from a plain concatenation in the operand's shape.
+    from cpjax.rules import bilinear
+
+    def estimate():
+        fun = lambda w, x: multi_head_attention(w, x)  # noqa: E731 (a new function: no cache)
+        return cpjax.cp_hessian_diag(fun, argnums=(0, 1), num_samples=3)(
+            W, X, key=jax.random.key(5))
+
+    calls = []
+
+    def counted(stack):
+        def stack_and_count(t, u):
+            calls.append(t.ndim)
+            return stack(t, u)
+
+        return stack_and_count
+
+    monkeypatch.setattr(bilinear, "_stack_flat", counted(bilinear._stack_flat))
+    flat = estimate()
+    assert calls == [4] * 4  # two products with two operands each, rows of three axes
+    monkeypatch.setattr(bilinear, "_stack_flat", counted(lambda t, u: jnp.concatenate([t, u])))
+    concatenated = estimate()
+    assert len(calls) == 8
+    for a, b in zip(flat, concatenated, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert np.abs(flat[1]).max() > 0
+
+
 @pytest.mark.parametrize("softmax", [softmax_over_first_axis, softmax_over_two_axes])
 def test_written_out_softmax_becomes_one_node(softmax):
     nodes = nodes_of(lambda x: jnp.sum(jnp.cos(softmax(x))), jnp.ones((3, 4, 2)))
