@@ -66,7 +66,11 @@ def _seed(key, salt=0):
 
     `salt` enters as a constant computed at trace time, so it adds no operations.
     """
-    words = _words(key)
+    return _seed_of_words(_words(key), salt)
+
+
+def _seed_of_words(words, salt):
+    """Return `_seed` of a key given as its uint32 words (scalars, or arrays of many keys)."""
     seed = _mix(lax.bitwise_xor(words[0], _mix_constant(salt)))
     for word in words[1:]:
         seed = _mix(lax.bitwise_xor(seed, word))
@@ -85,7 +89,24 @@ def _mix_constant(value: int):
 
 
 def _rademacher(key, shape, dtype, salt=0):
-    """Return ±1 entries: the top bit of a hash of each entry's index, keyed by `_seed`.
+    """Return ±1 entries drawn from `key` and `salt`; see `rademacher_from_seed`."""
+    return rademacher_from_seed(_seed(key, salt), shape, dtype)
+
+
+def seed_table(keys, num_salts: int):
+    """Return `_seed(keys[i], salt)` for a table of keys, with shape (len(keys), num_salts).
+
+    Computed for every key and salt at once, so that a draw costs one slice of the table
+    instead of the mixing of the key's words.
+    """
+    words = _words(keys)
+    return jnp.stack([_seed_of_words(words, salt) for salt in range(num_salts)], axis=-1)
+
+
+def rademacher_from_seed(seed, shape, dtype):
+    """Return ±1 entries: the top bit of a hash of each entry's index, keyed by `seed`.
+
+    `seed` is a uint32 scalar from `_seed` or an entry of `seed_table`.
 
     There is one hash per entry, not one per 32 entries with a shift and a mask for each.
     XLA fuses the draw into the code that multiplies by it, and there the shared form
@@ -100,7 +121,7 @@ def _rademacher(key, shape, dtype, salt=0):
             f"entries; got shape {shape} ({size:,} entries). Pass a smaller sample_chunk_size "
             "(the leading axis counts probes), or probe='gaussian'.")
     index = lax.iota(jnp.uint32, size).reshape(shape)
-    hashed = _mix(lax.bitwise_xor(lax.mul(index, _GOLDEN), _seed(key, salt)))
+    hashed = _mix(lax.bitwise_xor(lax.mul(index, _GOLDEN), seed))
     negative = lax.shift_right_logical(hashed, np.uint32(31)).astype(dtype)
     return lax.sub(np.array(1, dtype), lax.mul(negative, np.array(2, dtype)))
 

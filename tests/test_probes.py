@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cpjax
 from cpjax import _probes
 
 Z = 6.0  # every statistic below must lie within six standard errors of its target
@@ -146,3 +147,46 @@ def test_rademacher_too_many_entries_raises():
     """The 32-bit counter would repeat signs, so a larger draw is an error, not a repeat."""
     with pytest.raises(ValueError, match="at most 2\\^32 entries"):
         _probes.draw(jax.random.key(12), (2**16, 2**16 + 1), jnp.float32, "rademacher")
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_seed_table_matches_seeds_of_keys(impl):
+    keys = _probes.fold(jax.random.key(4, impl=impl), jnp.arange(5, dtype=jnp.uint32))
+    table = _probes.seed_table(keys, 2)
+    assert table.shape == (5, 2)
+    for i in range(5):
+        for salt in range(2):
+            assert table[i, salt] == _probes._seed(keys[i], salt)
+    drawn = _probes.rademacher_from_seed(table[3, 1], (4, 7), jnp.float32)
+    np.testing.assert_array_equal(drawn, _probes._rademacher(keys[3], (4, 7), jnp.float32, 1))
+
+
+def test_sweep_seed_table_keeps_probes(monkeypatch):
+    # The sweep reads most seeds from a table. Drawn from each equation's key instead, the
+    # probes, and so the estimate, must be the same.
+    from cpjax import _sweep
+
+    def fun(x):
+        return jnp.sum(jnp.tanh(x) * jnp.sin(x[::-1]) + x ** 3 / (1 + x ** 2))
+
+    def estimate():
+        return cpjax.cp_hessian_diag(lambda x: fun(x), num_samples=3)(
+            jnp.linspace(-1.0, 1.0, 6), key=jax.random.key(2))
+
+    key_draws = []
+    draw_from_key = _probes._rademacher
+
+    def counted_draw(*args):
+        key_draws.append(args[1])
+        return draw_from_key(*args)
+
+    monkeypatch.setattr(_probes, "_rademacher", counted_draw)
+    tabled = estimate()
+    assert key_draws == []
+    untabled_keys = _sweep._node_key_table
+    monkeypatch.setattr(_sweep, "_node_key_table",
+                        lambda key, n: (untabled_keys(key, n)[0], None))
+    from_keys = estimate()
+    assert len(key_draws) >= 3
+    np.testing.assert_array_equal(tabled, from_keys)
+    assert np.abs(tabled).max() > 0

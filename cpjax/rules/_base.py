@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ class Context:
     invals: list  # primal inputs
     outvals: list  # primal outputs
     ybar: list  # cotangent of each output, None where zero
-    key: Any  # PRNG key of this equation
+    make_key: Any  # () -> PRNG key of this equation (see `key`)
     num_samples: int
     probe: str  # "rademacher" or "gaussian"
     symmetric: bool  # T = U mode: every injection must be PSD and only F v is used
@@ -75,10 +76,27 @@ class Context:
 
     # Rows the probes are drawn after (a schedule hint, see `cpjax._schedule`), or None.
     wait_for: Any = None
+    # `salt -> _probes._seed(key, salt)` read from the sweep's table, or None. It may return
+    # None for a salt the table lacks, and the probes are then drawn from `key`.
+    seed: Any = None
+
+    @functools.cached_property
+    def key(self):
+        """PRNG key of this equation, formed when a rule first reads it.
+
+        Most equations draw their probes from `seed` or draw none, and an unread key would
+        still add its slice of the key table to the traced program.
+        """
+        return self.make_key()
 
     def draw(self, shape, dtype, salt: int = 0):
         """Draw `num_samples` probes of `shape`, independent for each `salt`."""
-        v = _probes.draw(self.key, (self.num_samples, *shape), dtype, self.probe, salt)
+        full = (self.num_samples, *shape)
+        seed = None if self.seed is None or self.probe != "rademacher" else self.seed(salt)
+        if seed is None:
+            v = _probes.draw(self.key, full, dtype, self.probe, salt)
+        else:
+            v = _probes.rademacher_from_seed(seed, full, dtype)
         return v if self.wait_for is None else _schedule.after(v, self.wait_for)
 
 
