@@ -271,6 +271,11 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
     )
 
 
+# Salts whose seeds `_node_key_table` tables. Rules draw with salts 0 and 1, except the
+# composite and fallback rules of an equation with more than two dependent inputs.
+_TABLED_SALTS = 2
+
+
 def _node_key_table(key, num_nodes):
     """Return `(key, node) -> _probes.fold(key, node.index)` and `(node, salt) -> seed`.
 
@@ -292,9 +297,6 @@ def _node_key_table(key, num_nodes):
         return lax.slice(seeds, start, (node.index + 1, salt + 1)).reshape(())
 
     return (lambda key, node: table[node.index]), node_seed
-
-
-_TABLED_SALTS = 2
 
 
 def _visit(state: _SweepState, node, linearized):

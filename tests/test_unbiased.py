@@ -379,6 +379,17 @@ def cumprod(x):
     return jnp.sum(W * lax.cumprod(0.5 + mix(x)))
 
 
+@jax.jit
+def _three_factors(a, b, c):
+    return a * jnp.sin(b) * jnp.exp(c)
+
+
+def three_input_call(x):
+    # A jit call of three dependent inputs goes to the fallback rule, which draws with
+    # salts 0, 1 and 2. The sweep tables the seeds of salts 0 and 1 only.
+    return jnp.sum(W * _three_factors(mix(x), x ** 2, jnp.cos(x)))
+
+
 COMPOSITE = [
     case("log_softmax_cross_entropy", cross_entropy),
     case("log_softmax_weighted", log_softmax_weighted),
@@ -389,6 +400,7 @@ COMPOSITE = [
     case("cond_false_branch", data_cond, (X,)),
     case("fallback_reduce_prod", reduce_prod, fallback=True),
     case("fallback_cumprod", cumprod, fallback=True),
+    case("fallback_three_input_call", three_input_call, fallback=True),
 ]
 
 # --- parameters contracted over a batch axis (the separable-axis form) -------------------
