@@ -271,8 +271,9 @@ def sweep(plan: Plan, invals: list, out_cotangents: list, key, *, num_samples: i
     )
 
 
-# Salts whose seeds `_node_key_table` tables. Rules draw with salts 0 and 1, except the
-# composite and fallback rules of an equation with more than two dependent inputs.
+# Number of salts whose seeds `_node_key_table` puts in its table. Rules draw with salts 0
+# and 1, except the composite and fallback rules of an equation with more than two
+# dependent inputs.
 _TABLED_SALTS = 2
 
 

@@ -58,7 +58,9 @@ def test_flat_stacking_matches_concatenation(monkeypatch):
     from cpjax.rules import bilinear
 
     def estimate():
-        fun = lambda w, x: multi_head_attention(w, x)  # noqa: E731 (a new function: no cache)
+        def fun(w, x):  # a new function on each call, so that no cached trace is reused
+            return multi_head_attention(w, x)
+
         return cpjax.cp_hessian_diag(fun, argnums=(0, 1), num_samples=3)(
             W, X, key=jax.random.key(5))
 
@@ -73,7 +75,7 @@ def test_flat_stacking_matches_concatenation(monkeypatch):
 
     monkeypatch.setattr(bilinear, "_stack_flat", counted(bilinear._stack_flat))
     flat = estimate()
-    assert calls == [4] * 4  # two products with two operands each, rows of three axes
+    assert calls == [4] * 4  # two products with two operands each, rows with four axes
     monkeypatch.setattr(bilinear, "_stack_flat", counted(lambda t, u: jnp.concatenate([t, u])))
     concatenated = estimate()
     assert len(calls) == 8

@@ -92,7 +92,9 @@ class Context:
     def draw(self, shape, dtype, salt: int = 0):
         """Draw `num_samples` probes of `shape`, independent for each `salt`."""
         full = (self.num_samples, *shape)
-        seed = None if self.seed is None or self.probe != "rademacher" else self.seed(salt)
+        seed = None
+        if self.seed is not None and self.probe == "rademacher":
+            seed = self.seed(salt)
         if seed is None:
             v = _probes.draw(self.key, full, dtype, self.probe, salt)
         else:
