@@ -313,6 +313,7 @@ def _visit(state: _SweepState, node, linearized):
         tu = _materialize(tu)
     ybar_full = [jnp.zeros_like(env[v]) if y is None else y
                  for v, y in zip(float_vars, ybar, strict=True)]
+    ybar_full = _gradient_waits_for_rows(state, node, ybar_full, tu)
     rule = rule_for(node)
     ctx = Context(
         node=node, info=state.plan.infos[node.index], invals=vals, outvals=outs,
@@ -359,6 +360,27 @@ def _visit(state: _SweepState, node, linearized):
             state.rows.add(node.invars[i], fv)
         else:
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
+
+
+def _gradient_waits_for_rows(state: _SweepState, node, ybar_full, tu):
+    """Return ȳ of a matrix product with a separable parameter, formed after its rows.
+
+    The gradient needs no rows, so XLA's CPU backend ran the gradient's backward pass
+    ahead of the rows' and kept the cotangents of layers further down alive until the rows
+    arrived there. Held back at each such product, the two passes move down together.
+    Peak memory of one probe on the suite's 10k MLP fell from 2.03 to 1.81 times
+    value_and_grad's, and on its 10k transformer from 1.26 to 1.23 times; on the 0.5M
+    transformer it rose from 1.455 to 1.475 times. Memory of the CNNs, of the other MLPs and
+    of ten probes changed by 2.2 % or less, and run times by less than the noise (CNN,
+    MLP and transformer at 10k and 0.5M, 30 interleaved rounds).
+    """
+    if (state.separable is None or node.primitive is not lax.dot_general_p
+            or not state.separable.sites.get(node.index)):
+        return ybar_full
+    first = next((t for t in tu if t is not None), None)
+    if first is None:
+        return ybar_full
+    return [_schedule.after(y, first) for y in ybar_full]
 
 
 def _diagonals_first(state: _SweepState, node, vals, tu, dep_idx):
