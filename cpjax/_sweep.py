@@ -369,7 +369,7 @@ def _gradient_waits_for_rows(state: _SweepState, node, ybar_full, tu):
     ahead of the rows' and kept the cotangents of layers further down alive until the rows
     arrived there. Held back at each such product, the two passes move down together.
     Peak memory of one probe on the suite's 10k MLP fell from 2.03 to 1.81 times
-    value_and_grad's, and on its 10k transformer from 1.26 to 1.23 times; on the 0.5M
+    value_and_grad's, and on its 10k transformer from 1.26 to 1.23 times. On the 0.5M
     transformer it rose from 1.455 to 1.475 times. Memory of the CNNs, of the other MLPs and
     of ten probes changed by 2.2 % or less, and run times by less than the noise (CNN,
     MLP and transformer at 10k and 0.5M, 30 interleaved rounds).
