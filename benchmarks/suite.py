@@ -10,7 +10,8 @@ and for K = 1, 10 and 100 probes, measures under `jax.jit` in float32:
   `value_and_grad` time;
 * compile time: `jax.jit(method).lower(*args)` (tracing, including cpjax's analysis of the
   program, and lowering to StableHLO) plus `.compile()` (XLA), the median of
-  `--compile-repeats` runs from empty JAX caches, divided by the same for `value_and_grad`;
+  `--compile-repeats` runs from empty JAX caches, divided by the same for `value_and_grad`.
+  Each method's runs take place in a new Python process of its own (see `compile_methods`);
 * peak memory from XLA's compiled memory analysis: temporaries plus arguments plus outputs,
   less the bytes of outputs aliased to arguments, divided by the same for
   `value_and_grad`;
@@ -50,12 +51,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gc
 import gzip
 import json
 import math
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -260,33 +263,83 @@ def _cost_entry(cost, name: str) -> float:
     return float((cost or {}).get(name, math.nan))
 
 
-def compile_method(fn, args, repeats: int = 1):
-    """Lower and compile `fn` for `args`, and return `(executable, Measurement)`.
+def compile_methods(case: Case, methods: dict, args, options, order_rng) -> tuple[dict, dict]:
+    """Lower and compile every method, and return name -> executable, name -> Measurement.
 
-    Each of the `repeats` runs starts from empty JAX caches, and the run with the median
-    total time gives the times.
+    The compile times are the median of `options.compile_repeats` runs, each from empty JAX
+    caches. By default each method's runs take place in a process of its own that has
+    compiled nothing else (`--compile-in children`). Compiling slows down as a process
+    compiles more programs, and not by the same factor for every program. On the 10k
+    transformer in one process, value_and_grad took 0.69 s at first and 0.73 to 0.81 s
+    after CP and Hutchinson had compiled, while CP with K = 100 took 2.08 to 2.16 s
+    throughout. With each method's runs in a row in one process, value_and_grad first, the
+    ratio of the two came out at 3.15. In rounds of a random order it came out at 2.63, and
+    in fresh processes at 2.83. `--compile-in process` runs the rounds in this process, which
+    is faster.
     """
-    runs = []
-    for _ in range(repeats):
-        jax.clear_caches()
-        started = time.perf_counter()
-        lowered = fn.lower(*args)
-        lowered_at = time.perf_counter()
-        compiled = lowered.compile()
-        runs.append((time.perf_counter() - started, lowered_at - started))
+    names = list(methods)
+    executables, runs = {}, {name: [] for name in names}
+    for _ in range(options.compile_repeats if options.compile_in == "process" else 1):
+        for index in order_rng.permutation(len(names)):
+            name = names[index]
+            executables[name], seconds = _timed_compile(methods[name], args)
+            runs[name].append(seconds)
+    if options.compile_in == "children":
+        for index in order_rng.permutation(len(names)):
+            name = names[index]
+            runs[name] = _compile_in_child(case, name, options.compile_repeats)
+    return executables, {name: _measure_compiled(executables[name], runs[name])
+                         for name in names}
+
+
+def _timed_compile(fn, args):
+    """Return the executable of `fn` for `args` and `(total s, lowering s)`, from empty caches."""
+    jax.clear_caches()
+    gc.collect()
+    started = time.perf_counter()
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    executable = lowered.compile()
+    return executable, (time.perf_counter() - started, lowered_at - started)
+
+
+def _compile_in_child(case: Case, name: str, repeats: int) -> list:
+    """Return the `(total s, lowering s)` of `repeats` compilations in a new Python process."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--compile-child",
+               case.model, case.size, name, "--compile-repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling {name} for {case.model} {case.size} in a child process "
+                           f"failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+    return [tuple(run) for run in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def _run_compile_child(model: str, size: str, name: str, repeats: int) -> None:
+    """Compile one method of one case `repeats` times and print the seconds as JSON."""
+    case = build_case(model, size)
+    count = name.partition(", K=")[2]
+    probe_counts = [int(count)] if count.isdigit() else []
+    methods = make_methods(case.loss, probe_counts)
+    if name not in methods:
+        raise SystemExit(f"unknown method {name!r}; expected one of {sorted(methods)}")
+    args = (case.params, case.data, jax.random.key(1))
+    print(json.dumps([_timed_compile(methods[name], args)[1] for _ in range(repeats)]))
+
+
+def _measure_compiled(compiled, runs) -> Measurement:
+    """Return the Measurement of `compiled`, with the median of `(total s, lowering s)` runs."""
     total_s, lower_s = sorted(runs)[(len(runs) - 1) // 2]
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
             + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-    measurement = Measurement(
+    return Measurement(
         lower_s=lower_s, compile_s=total_s - lower_s, peak_bytes=int(peak),
         temp_bytes=int(memory.temp_size_in_bytes),
         argument_bytes=int(memory.argument_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         flops=_cost_entry(cost, "flops"), bytes_accessed=_cost_entry(cost, "bytes accessed"))
-    return compiled, measurement
 
 
 try:
@@ -324,11 +377,9 @@ def run_case(case: Case, probe_counts, options, progress) -> dict:
     """
     args = (case.params, case.data, jax.random.key(1))
     methods = make_methods(case.loss, probe_counts)
-    executables, measurements = {}, {}
-    for name, fn in methods.items():
-        executables[name], measurements[name] = compile_method(fn, args,
-                                                               options.compile_repeats)
-        measured = measurements[name]
+    order_rng = np.random.default_rng(0)
+    executables, measurements = compile_methods(case, methods, args, options, order_rng)
+    for name, measured in measurements.items():
         progress(f"{case.model} {case.size}: compiled {name} in "
                  f"{measured.compile_total_s:.1f} s, peak {measured.peak_bytes / MIB:.1f} MiB")
 
@@ -352,7 +403,6 @@ def run_case(case: Case, probe_counts, options, progress) -> dict:
     # equal share of --budget. Cheap methods (value_and_grad, K = 1) so get many more
     # calls than K = 100, and the ratios between them rest on more than three samples.
     share = options.budget / max(len(runnable), 1)
-    order_rng = np.random.default_rng(0)
     started = time.perf_counter()
     rounds = 0
     while True:
@@ -705,6 +755,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-repeats", type=int, default=3,
                         help="lowerings and compilations per method, each from empty JAX "
                              "caches; the median is reported (default 3)")
+    parser.add_argument("--compile-in", choices=("children", "process"), default="children",
+                        help="where the timed compilations run: in a new Python process per "
+                             "method and case (default), or in rounds in this process (faster, "
+                             "but later programs compile slower there)")
+    parser.add_argument("--compile-child", nargs=3, metavar=("MODEL", "SIZE", "METHOD"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--max-memory-gib", type=float, default=8.0,
                         help="do not run a method whose compiled peak memory exceeds this many "
                              "GiB (default 8)")
@@ -730,6 +786,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--profile must be 0 (off) or a number of calls, got {args.profile}")
     if args.quick:
         args.compile_repeats = 1
+        args.compile_in = "process"
     for name in ("min_repeats", "max_repeats", "compile_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, "
@@ -745,6 +802,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.compile_child:
+        _run_compile_child(*args.compile_child, args.compile_repeats)
+        return
     command = "python " + shlex.join(sys.argv if argv is None else ["benchmarks/suite.py", *argv])
     machine_at_start = describe_machine()
     started = time.perf_counter()
