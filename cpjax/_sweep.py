@@ -165,7 +165,12 @@ class _Accumulator:
         if not isinstance(var, Var) or value is None:
             return
         old = self.values.get(var)
-        self.values[var] = value if old is None else old + value
+        if old is None:
+            self.values[var] = value
+        elif old.shape == value.shape and old.dtype == value.dtype:
+            self.values[var] = lax.add(old, value)  # `+` would trace a jit wrapper
+        else:
+            self.values[var] = old + value
 
     def pop(self, var):
         return self.values.pop(var, None) if isinstance(var, Var) else None

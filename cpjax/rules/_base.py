@@ -20,6 +20,7 @@ import functools
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 
 from cpjax import _probes, _schedule
 
@@ -155,8 +156,9 @@ def register(rule: Rule, *primitives) -> None:
 
 def safe_sqrt(x):
     """Square root whose gradient is 0, not NaN, where `x` is 0."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+    zero = lax.full_like(x, 0)
+    positive = lax.gt(x, zero)
+    return lax.select(positive, lax.sqrt(lax.select(positive, x, lax.full_like(x, 1))), zero)
 
 
 def split_scalar_curvature(m, v):
