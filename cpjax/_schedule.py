@@ -21,8 +21,8 @@ def after(x, y):
       Array([1., 1.], dtype=float32)
     """
     # Written with `lax` operations: each `jnp` function traces through a jit wrapper of its
-    # own, and the sweep calls this at most equations. Tracing the 10k transformer took 10 ms
-    # less.
+    # own, and the sweep calls this at most equations. With this, the accumulator's sums and
+    # `safe_sqrt` in lax, tracing the suite's 10k transformer took 8 to 12 of about 180 ms less.
     first = lax.abs(lax.reshape(lax.slice(y, (0,) * y.ndim, (1,) * y.ndim), ()))
     zero = lax.stop_gradient(lax.min(first, lax.full((), 0, first.dtype)))
     return lax.add(x, lax.convert_element_type(zero, x.dtype))
