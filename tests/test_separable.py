@@ -535,3 +535,13 @@ def test_after_leaves_values_and_gradients(first):
     np.testing.assert_array_equal(grad_x, jnp.ones_like(x))
     np.testing.assert_array_equal(grad_y, jnp.zeros_like(y))
     assert jnp.isnan(_schedule.after(x, jnp.array([np.nan]))).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.int32, jnp.bfloat16, jnp.complex64])
+def test_after_keeps_dtype(dtype):
+    """`after` returns `x` unchanged, in its dtype, whatever the dtypes of `x` and `y`."""
+    x = jnp.array([[1, 0], [0, 1]], dtype)
+    for y in (jnp.array(-2.0), jnp.array([[3]], jnp.int8), jnp.array([1 - 2j])):
+        got = _schedule.after(x, y)
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(got.astype(jnp.complex64), x.astype(jnp.complex64))
