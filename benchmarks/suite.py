@@ -278,13 +278,15 @@ def compile_methods(case: Case, methods: dict, args, options, order_rng) -> tupl
     is faster.
     """
     names = list(methods)
+    in_process = options.compile_in == "process"
     executables, runs = {}, {name: [] for name in names}
-    for _ in range(options.compile_repeats if options.compile_in == "process" else 1):
+    for _ in range(options.compile_repeats if in_process else 1):
         for index in order_rng.permutation(len(names)):
             name = names[index]
             executables[name], seconds = _timed_compile(methods[name], args)
             runs[name].append(seconds)
-    if options.compile_in == "children":
+    if not in_process:
+        # The compilation above only gives the executable, and the children the times.
         for index in order_rng.permutation(len(names)):
             name = names[index]
             runs[name] = _compile_in_child(case, name, options.compile_repeats)
@@ -309,8 +311,10 @@ def _compile_in_child(case: Case, name: str, repeats: int) -> list:
                case.model, case.size, name, "--compile-repeats", str(repeats)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"compiling {name} for {case.model} {case.size} in a child process "
-                           f"failed with exit code {done.returncode}:\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"compiling {name} for {case.model} {case.size} in a child process failed with "
+            f"exit code {done.returncode}. Run `{shlex.join(command)}` to see the whole error, "
+            f"or pass --compile-in process. The end of its error output:\n{done.stderr[-3000:]}")
     return [tuple(run) for run in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
@@ -321,7 +325,7 @@ def _run_compile_child(model: str, size: str, name: str, repeats: int) -> None:
     probe_counts = [int(count)] if count.isdigit() else []
     methods = make_methods(case.loss, probe_counts)
     if name not in methods:
-        raise SystemExit(f"unknown method {name!r}; expected one of {sorted(methods)}")
+        raise SystemExit(f"method {name!r} not found; expected one of {sorted(methods)}")
     args = (case.params, case.data, jax.random.key(1))
     print(json.dumps([_timed_compile(methods[name], args)[1] for _ in range(repeats)]))
 

@@ -21,12 +21,13 @@ def after(x, y):
       >>> after(jnp.ones(2), jnp.array([-3.0]))
       Array([1., 1.], dtype=float32)
     """
-    # Written with `lax` operations: each `jnp` function traces through a jit wrapper of its
-    # own, and the sweep calls this at most equations. With this, the accumulator's sums and
-    # `safe_sqrt` in lax, tracing the suite's 10k transformer took 8 to 12 of about 180 ms less.
+    # Written with `lax` operations, because each `jnp` function traces through a jit wrapper
+    # of its own and the sweep calls `after` at most equations. Together with the `lax` forms
+    # of the accumulator's sums and of `safe_sqrt`, this cut the tracing of the suite's 10k
+    # transformer by 8 to 12 ms, of about 180 ms.
     first = lax.abs(lax.reshape(lax.slice(y, (0,) * y.ndim, (1,) * y.ndim), ()))
     zero = lax.convert_element_type(
         lax.stop_gradient(lax.min(first, lax.full((), 0, first.dtype))), x.dtype)
-    if x.dtype == np.bool_:  # `lax.add` takes no booleans
+    if x.dtype == np.bool_:  # `lax.add` rejects booleans.
         return lax.bitwise_or(x, zero)
     return lax.add(x, zero)

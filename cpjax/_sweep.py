@@ -168,7 +168,8 @@ class _Accumulator:
         if old is None:
             self.values[var] = value
         elif old.shape == value.shape and old.dtype == value.dtype:
-            self.values[var] = lax.add(old, value)  # `+` would trace a jit wrapper
+            # `lax.add` directly, because `+` traces through a jit wrapper.
+            self.values[var] = lax.add(old, value)
         else:
             self.values[var] = old + value
 
@@ -318,7 +319,8 @@ def _visit(state: _SweepState, node, linearized):
         tu = _materialize(tu)
     ybar_full = [jnp.zeros_like(env[v]) if y is None else y
                  for v, y in zip(float_vars, ybar, strict=True)]
-    ybar_full = _gradient_waits_for_rows(state, node, ybar_full, tu)
+    arriving = next((t for t in tu if t is not None), None)  # rows from above, or None
+    ybar_full = _gradient_waits_for_rows(state, node, ybar_full, arriving)
     rule = rule_for(node)
     ctx = Context(
         node=node, info=state.plan.infos[node.index], invals=vals, outvals=outs,
@@ -359,7 +361,7 @@ def _visit(state: _SweepState, node, linearized):
         return
     # Draw the probes once the rows from above exist, so that XLA does not form the
     # injection early and keep it alive (ten probes, 0.4M MLP: 22.8 -> 18.0 MiB).
-    ctx.wait_for = next((t for t in tu if t is not None), None)
+    ctx.wait_for = arriving
     for i, fv, gv in _call_rule(node, lambda: rule.inject(ctx)):
         if state.plan.symmetric or gv is STACKED:
             state.rows.add(node.invars[i], fv)
@@ -367,7 +369,7 @@ def _visit(state: _SweepState, node, linearized):
             state.rows.add(node.invars[i], jnp.concatenate([fv, fv if gv is None else gv]))
 
 
-def _gradient_waits_for_rows(state: _SweepState, node, ybar_full, tu):
+def _gradient_waits_for_rows(state: _SweepState, node, ybar_full, arriving):
     """Return ȳ of a matrix product with a separable parameter, formed after its rows.
 
     The gradient needs no rows, so XLA's CPU backend ran the gradient's backward pass
@@ -379,13 +381,15 @@ def _gradient_waits_for_rows(state: _SweepState, node, ybar_full, tu):
     of ten probes changed by 2.2 % or less, and run times by less than the noise (CNN,
     MLP and transformer at 10k and 0.5M, 30 interleaved rounds).
     """
-    if (state.separable is None or node.primitive is not lax.dot_general_p
-            or not state.separable.sites.get(node.index)):
+    if arriving is None or not _is_separable_product(state, node):
         return ybar_full
-    first = next((t for t in tu if t is not None), None)
-    if first is None:
-        return ybar_full
-    return [_schedule.after(y, first) for y in ybar_full]
+    return [_schedule.after(y, arriving) for y in ybar_full]
+
+
+def _is_separable_product(state: _SweepState, node) -> bool:
+    """Return whether `node` is a matrix product with a parameter on a separable axis."""
+    return (state.separable is not None and node.primitive is lax.dot_general_p
+            and bool(state.separable.sites.get(node.index)))
 
 
 def _diagonals_first(state: _SweepState, node, vals, tu, dep_idx):
@@ -399,8 +403,7 @@ def _diagonals_first(state: _SweepState, node, vals, tu, dep_idx):
     changed by -8 % to +6 % (slower with one probe, faster with ten). On convolutions the
     same order cost 11 to 13 % of one probe's time, so they keep XLA's order.
     """
-    if (state.separable is None or node.primitive is not lax.dot_general_p
-            or not state.separable.sites.get(node.index)):
+    if not _is_separable_product(state, node):
         return None
     return state.separable.visit(node, vals, state.env, tu, dep_idx)
 

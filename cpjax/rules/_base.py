@@ -155,7 +155,7 @@ def register(rule: Rule, *primitives) -> None:
 
 
 def safe_sqrt(x):
-    """Square root of a floating-point `x` whose gradient is 0, not NaN, where `x` is 0."""
+    """Return the square root of a floating-point `x`, with gradient 0, not NaN, at `x = 0`."""
     zero = lax.full_like(x, 0)
     positive = lax.gt(x, zero)
     return lax.select(positive, lax.sqrt(lax.select(positive, x, lax.full_like(x, 1))), zero)
