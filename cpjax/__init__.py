@@ -16,9 +16,11 @@ from cpjax._full import cp_hessian, cp_hessian_factors, cp_hessian_trace
 from cpjax.baselines import exact_hessian_diag, hutchinson_hessian_diag
 from cpjax.ggn import cp_ggn_diag, cp_value_grad_and_ggn_diag, exact_ggn_diag
 from cpjax.rules import FallbackWarning
+from cpjax.rules.custom import CustomRuleWarning
 
 __all__ = [
     "CurvatureError",
+    "CustomRuleWarning",
     "becker_lecun_hessian_diag",
     "FallbackWarning",
     "cp_ggn_diag",

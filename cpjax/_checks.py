@@ -25,6 +25,14 @@ def check_options(name: str, num_samples, probe) -> None:
         raise ValueError(f"{name} got an unknown probe {probe!r}; expected one of {expected}.")
 
 
+def check_separable(name: str, separable) -> None:
+    if not isinstance(separable, (bool, np.bool_)):
+        raise TypeError(
+            f"{name} requires separable to be True or False, got {separable!r}. True uses "
+            "the per-example form where the function sums over independent examples."
+        )
+
+
 def check_chunk_size(name: str, sample_chunk_size) -> None:
     if sample_chunk_size is None:
         return
@@ -40,6 +48,8 @@ def check_chunk_size(name: str, sample_chunk_size) -> None:
 def normalize_argnums(name: str, argnums, n_args: int) -> tuple:
     """Return argnums as a tuple of non-negative ints, checked against the call."""
     single = isinstance(argnums, (int, np.integer))
+    if not single and not isinstance(argnums, (tuple, list)):
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {argnums!r}.")
     nums = (argnums,) if single else tuple(argnums)
     if not nums:
         raise ValueError(f"{name} requires at least one argument to differentiate; argnums=().")
@@ -68,6 +78,12 @@ def check_key(name: str, key) -> None:
         )
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise TypeError(
+                f"{name} requires a single PRNG key, got an array of keys with shape "
+                f"{key.shape}. For one estimate per key, map over the keys: "
+                "jax.vmap(lambda k: fn(*args, key=k))(keys)."
+            )
         return
     if dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
         return

@@ -43,8 +43,8 @@ def cp_hessian_factors(fun, argnums=0, has_aux=False, *, num_samples=1, probe="r
     run, config = _transform("cp_hessian_factors", fun, argnums, has_aux, num_samples, probe,
                              separable=False, estimator="cp_factors")
 
-    def factors_fn(*args, key=None):
-        _, aux, _, pairs = run(args, key)
+    def factors_fn(*args, key=None, **kwargs):
+        _, aux, _, pairs = run(args, key, kwargs)
         ts = [jax.tree_util.tree_map(lambda p: p[0], tree, is_leaf=_is_pair) for tree in pairs]
         us = [jax.tree_util.tree_map(lambda p: p[1], tree, is_leaf=_is_pair) for tree in pairs]
         out = (ts[0], us[0]) if _single(argnums) else (tuple(ts), tuple(us))
@@ -71,11 +71,12 @@ def cp_hessian(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rademache
       >>> h.shape
       (2, 2)
     """
+    _checks.check_options("cp_hessian", num_samples, probe)
     factors = cp_hessian_factors(fun, argnums, has_aux, num_samples=num_samples, probe=probe)
 
-    def hessian_fn(*args, key=None):
+    def hessian_fn(*args, key=None, **kwargs):
         _checks.check_key("cp_hessian", key)
-        out = factors(*args, key=key)
+        out = factors(*args, key=key, **kwargs)
         (t, u), aux = out if has_aux else (out, None)
         t_flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(t)
         u_flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(u)
@@ -118,8 +119,8 @@ def cp_hessian_trace(fun, argnums=0, has_aux=False, *, num_samples=1, probe="rad
     run, config = _transform("cp_hessian_trace", fun, argnums, has_aux, num_samples, probe,
                              separable)
 
-    def trace_fn(*args, key=None):
-        _, aux, _, diags = run(args, key)
+    def trace_fn(*args, key=None, **kwargs):
+        _, aux, _, diags = run(args, key, kwargs)
         trace = sum(jnp.sum(d) for d in jax.tree_util.tree_leaves(diags))
         return (trace, aux) if config.has_aux else trace
 

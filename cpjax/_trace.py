@@ -48,7 +48,9 @@ class Node:
 
     `eqn` is the original `JaxprEqn`; its primitive and params are what the forward pass
     binds. `composite` names a composite rule (for example "log_softmax") when the node
-    stands for a whole `jax.nn` function kept as one call.
+    stands for a whole `jax.nn` function kept as one call. `caller` is the source info of
+    the innermost inlined call that has a line of the user's code, for equations inside a
+    JAX library function (`jnp.linalg.solve` is a jitted function).
     """
 
     index: int
@@ -56,6 +58,7 @@ class Node:
     invars: list
     outvars: list
     composite: str | None = None
+    caller: Any = None
 
     @property
     def primitive(self):
@@ -66,9 +69,16 @@ class Node:
         return self.eqn.params
 
     def where(self) -> str:
-        """Return the user's source line of this equation, as `file:line (function)`."""
+        """Return the user's source line of this equation, as `file:line (function)`.
+
+        For an equation inside a JAX library function, the line that calls the function.
+        """
         where = source_info_util.summarize(self.eqn.source_info)
-        return where or "an unknown source line (inside a JAX library call)"
+        if where:
+            return where
+        if self.caller is not None:
+            return f"{source_info_util.summarize(self.caller)}, inside a JAX library function"
+        return "an unknown source line (inside a JAX library function)"
 
 
 @dataclasses.dataclass
@@ -103,8 +113,11 @@ class _Builder:
     def new_var(self, aval) -> Var:
         return Var(next(self._ids), aval)
 
-    def inline(self, jaxpr, consts, in_atoms) -> list:
-        """Append the equations of `jaxpr` with its inputs bound to `in_atoms`."""
+    def inline(self, jaxpr, consts, in_atoms, caller=None) -> list:
+        """Append the equations of `jaxpr` with its inputs bound to `in_atoms`.
+
+        `caller` is the source info of the innermost call with a line of the user's code.
+        """
         env = {}
         for v, c in zip(jaxpr.constvars, consts, strict=True):
             env[v] = Lit(c, v.aval)
@@ -121,10 +134,12 @@ class _Builder:
             composite = _is_composite_call(eqn)
             if eqn.primitive in INLINED_CALLS and composite is None:
                 inner = _inner_closed_jaxpr(eqn)
-                outs = self.inline(inner.jaxpr, inner.consts, ins)
+                user_line = source_info_util.summarize(eqn.source_info)
+                outs = self.inline(inner.jaxpr, inner.consts, ins,
+                                   eqn.source_info if user_line else caller)
             else:
                 outs = [self.new_var(v.aval) for v in eqn.outvars]
-                self.nodes.append(Node(len(self.nodes), eqn, ins, outs, composite))
+                self.nodes.append(Node(len(self.nodes), eqn, ins, outs, composite, caller))
             for v, a in zip(eqn.outvars, outs, strict=True):
                 env[v] = a
         return [read(a) for a in jaxpr.outvars]
@@ -212,7 +227,8 @@ def call_node(x: Var, group: list, name: str, composite: str) -> Node:
     closed = jax.make_jaxpr(jax.jit(run))(jax.ShapeDtypeStruct(x.aval.shape, x.aval.dtype))
     (eqn,) = closed.jaxpr.eqns
     eqn = eqn.replace(source_info=group[-1].eqn.source_info)
-    return Node(group[-1].index, eqn, [x], list(group[-1].outvars), composite=composite)
+    return Node(group[-1].index, eqn, [x], list(group[-1].outvars), composite=composite,
+                caller=group[-1].caller)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +288,7 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
         merged = list(flat_args)
         for i, leaf in zip(traced, leaves, strict=True):
             merged[i] = leaf
-        return fun(*jax.tree_util.tree_unflatten(in_tree, merged))
+        return _check_array_outputs(fun(*jax.tree_util.tree_unflatten(in_tree, merged)))
 
     closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
         *[flat_args[i] for i in traced])
@@ -282,6 +298,18 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
     program.invars = [next(invars) if _is_array(x) else Var(-1 - i, None)
                       for i, x in enumerate(flat_args)]
     return program, out_shape
+
+
+def _check_array_outputs(out):
+    """Return `out`, raising a `TypeError` that names any leaf that is not an array."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+        if not (hasattr(leaf, "aval") or isinstance(leaf, (int, float, np.ndarray, np.generic))):
+            raise TypeError(
+                f"cpjax traces the function with jax.jit, so every value it returns (aux "
+                f"included) must be an array, but output{jax.tree_util.keystr(path)} is a "
+                f"{type(leaf).__name__}: {leaf!r}. Return it some other way, or as an array."
+            )
+    return out
 
 
 def _fuse_groups(program: Program) -> Program:

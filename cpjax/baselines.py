@@ -8,7 +8,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from cpjax import _checks, _probes
-from cpjax._api import jit_per_shape
+from cpjax._api import KeywordsLast, jit_per_shape
 
 
 def _flat_objective(fun, args, argnums, has_aux):
@@ -101,7 +101,7 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
         raise ValueError(f"{name} requires chunk_size >= 1, got {chunk_size!r}.")
 
     def impl(args, nums, key):
-        f, v0, unravel, call = _flat_objective(fun, args, nums, has_aux)
+        f, v0, unravel, call = _flat_objective(KeywordsLast(fun), args, nums, has_aux)
         _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         n = v0.size
@@ -116,9 +116,9 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
 
     run = jit_per_shape(impl)
 
-    def diag_fn(*args):
+    def diag_fn(*args, **kwargs):
         nums = _prepare(name, fun, args, argnums, has_aux)
-        return run(args, nums, None)
+        return run((*args, kwargs), nums, None)
 
     return diag_fn
 
@@ -141,7 +141,7 @@ def hutchinson_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1,
     _checks.check_options(name, num_samples, probe)
 
     def impl(args, nums, key):
-        f, v0, unravel, call = _flat_objective(fun, args, nums, has_aux)
+        f, v0, unravel, call = _flat_objective(KeywordsLast(fun), args, nums, has_aux)
         _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         probes = _probes.draw(key, (num_samples, v0.size), v0.dtype, probe)
@@ -150,9 +150,9 @@ def hutchinson_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1,
 
     run = jit_per_shape(impl)
 
-    def diag_fn(*args, key=None):
+    def diag_fn(*args, key=None, **kwargs):
         _checks.check_key(name, key)
         nums = _prepare(name, fun, args, argnums, has_aux)
-        return run(args, nums, key)
+        return run((*args, kwargs), nums, key)
 
     return diag_fn

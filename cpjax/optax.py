@@ -163,6 +163,7 @@ def _cp_options(name: str, key, num_samples, probe, separable) -> dict:
     _check_key(name, key)
     num_samples = _num_samples(name, num_samples)
     _checks.check_options(name, num_samples, probe)
+    _checks.check_separable(name, separable)
     return {"num_samples": num_samples, "probe": probe, "separable": separable}
 
 
@@ -180,12 +181,12 @@ def _fresh_diagonal(name, params, due, probe_key, obj_fn, hessian_diag, cp_optio
     CP runs under `lax.cond`, so its sweep is executed only on updates where `due` is true.
     """
     if hessian_diag is not None:
-        if jax.tree.structure(hessian_diag) != jax.tree.structure(params):
+        if obj_fn is not None:
             raise ValueError(
-                f"{name}: hessian_diag must have the tree structure of params, got "
-                f"{jax.tree.structure(hessian_diag)} for params of structure "
-                f"{jax.tree.structure(params)}."
+                f"{name} got both obj_fn and hessian_diag in update(); pass one: hessian_diag "
+                "to use your own estimate, or obj_fn to have CP estimate it."
             )
+        _check_hessian_diag(name, hessian_diag, params)
         return _cast_like(hessian_diag, params)
     if obj_fn is None:
         raise ValueError(
@@ -194,12 +195,46 @@ def _fresh_diagonal(name, params, due, probe_key, obj_fn, hessian_diag, cp_optio
             "update(), got neither. For example: update(grads, state, params, "
             "obj_fn=lambda p: loss(p, batch))."
         )
-    estimate = cp_hessian_diag(obj_fn, **cp_options)
+    estimate = cp_hessian_diag(_loss_alone(name, obj_fn), **cp_options)
 
     def run_cp(p):
         return _cast_like(estimate(p, key=probe_key), p)
 
     return lax.cond(due, run_cp, lambda p: jax.tree.map(jnp.zeros_like, p), params)
+
+
+def _check_hessian_diag(name: str, hessian_diag, params) -> None:
+    """Raise unless `hessian_diag` has the tree structure and leaf shapes of `params`."""
+    if jax.tree.structure(hessian_diag) != jax.tree.structure(params):
+        raise ValueError(
+            f"{name}: hessian_diag must have the tree structure of params, got "
+            f"{jax.tree.structure(hessian_diag)} for params of structure "
+            f"{jax.tree.structure(params)}."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), d in zip(paths, jax.tree.leaves(hessian_diag), strict=True):
+        if jnp.shape(d) != jnp.shape(p):
+            raise ValueError(
+                f"{name}: hessian_diag must have the shapes of params, but at "
+                f"params{jax.tree_util.keystr(path)} it has shape {jnp.shape(d)} against "
+                f"{jnp.shape(p)}."
+            )
+
+
+def _loss_alone(name: str, obj_fn):
+    """Return `obj_fn`, checked at trace time to return the loss alone (no aux)."""
+
+    def loss(params):
+        out = obj_fn(params)
+        if isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"{name} requires obj_fn to return the loss alone, a scalar, but it returned "
+                f"a {type(out).__name__} of length {len(out)}. If it returns (loss, aux), "
+                "pass obj_fn=lambda p: f(p)[0]."
+            )
+        return out
+
+    return loss
 
 
 def _check_params(name: str, params) -> None:
@@ -333,7 +368,7 @@ def cp_hessian_diag_estimator(
                 "own update(..., obj_fn=...)."
             )
         next_key, probe_key = jax.random.split(state.key)
-        diag = cp_hessian_diag(obj_fn, **cp_options)(params, key=probe_key)
+        diag = cp_hessian_diag(_loss_alone(name, obj_fn), **cp_options)(params, key=probe_key)
         return _cast_like(diag, params), CPHessianDiagEstimatorState(key=next_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -365,8 +400,8 @@ def scale_by_cp_sophia(
 
     where `ĥ` is a fresh estimate of the Hessian diagonal at the current parameters. The
     estimate comes from the `hessian_diag` keyword argument of `update` when given (on
-    updates where none is due it is ignored), else from CP run on `obj_fn`. One of the
-    two is required.
+    updates where none is due it is ignored), else from CP run on `obj_fn`. Exactly one of
+    the two is required.
 
     Negative and tiny estimates: `h` averages the raw, signed estimates, so it stays an
     unbiased average of the diagonal (clamping each estimate at zero would bias it
@@ -406,7 +441,7 @@ def scale_by_cp_sophia(
 
     Raises:
       TypeError, ValueError: for invalid hyperparameters; from `update`, when `params` is
-        missing or neither `obj_fn` nor `hessian_diag` is given.
+        missing, or when neither or both of `obj_fn` and `hessian_diag` are given.
 
     Example:
       >>> import jax.numpy as jnp, cpjax.optax
@@ -574,7 +609,7 @@ def scale_by_cp_adahessian(
     so the step is Adam's with the root mean square of the diagonal in place of the root
     mean square of the gradient. `ĥ` comes from the `hessian_diag` keyword argument of
     `update` when given (on updates where none is due it is ignored), else from CP run
-    on `obj_fn`. One of the two is required.
+    on `obj_fn`. Exactly one of the two is required.
 
     Negative and tiny estimates: squaring makes the sign irrelevant, as in AdaHessian, so
     `v̂` tracks `E[ĥ²] = diag² + Var[ĥ]`, never below the squared diagonal. `eps` bounds
@@ -610,7 +645,7 @@ def scale_by_cp_adahessian(
 
     Raises:
       TypeError, ValueError: for invalid hyperparameters; from `update`, when `params` is
-        missing or neither `obj_fn` nor `hessian_diag` is given.
+        missing, or when neither or both of `obj_fn` and `hessian_diag` are given.
 
     Example:
       >>> import jax.numpy as jnp, cpjax.optax
@@ -720,7 +755,7 @@ def cp_adahessian(
       Order Optimizer for Machine Learning", AAAI 2021 (arXiv:2006.00719).
 
     Example:
-      >>> import jax.numpy as jnp, optax, cpjax.optax
+      >>> import jax, jax.numpy as jnp, optax, cpjax.optax
       >>> loss = lambda p: jnp.sum(jnp.cosh(p))
       >>> params = jnp.array([1.0, -2.0])
       >>> opt = cpjax.optax.cp_adahessian(learning_rate=0.5)

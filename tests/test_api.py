@@ -127,6 +127,38 @@ def test_non_differentiated_arguments():
     assert diag.shape == X.shape
 
 
+def _weighted_cube(a, b, *, scale=1.0, mode="cube"):
+    return jnp.sum(scale * a**3 * b) if mode == "cube" else jnp.sum(a * b)
+
+
+@pytest.mark.parametrize("transform", [
+    cpjax.cp_hessian_diag, cpjax.cp_hessian_trace, cpjax.cp_hessian,
+    cpjax.cp_hessian_factors, cpjax.hutchinson_hessian_diag,
+])
+def test_keyword_arguments_passed_on(transform):
+    """Keyword arguments reach the function, undifferentiated, as with jax.grad."""
+    a, b = jnp.array([1.0, 2.0]), jnp.array([0.5, 3.0])
+    by_keyword = transform(_weighted_cube)(a, b=b, scale=jnp.array(2.0), key=KEY)
+    positional = transform(lambda a, b, s: _weighted_cube(a, b, scale=s))(
+        a, b, jnp.array(2.0), key=KEY)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, by_keyword, positional)
+
+
+def test_keyword_arguments_static_and_jitted():
+    """Python keyword values stay static, and keyword arrays are traced under jax.jit."""
+    a, b = jnp.array([1.0, 2.0]), jnp.array([0.5, 3.0])
+    diag_fn = cpjax.cp_hessian_diag(_weighted_cube)
+    np.testing.assert_array_equal(diag_fn(a, b=b, mode="linear", key=KEY), jnp.zeros(2))
+    jitted = jax.jit(lambda a, b: diag_fn(a, b=b, key=KEY))
+    np.testing.assert_allclose(jitted(a, b), 6 * a * b, rtol=1e-6)
+    _, grad, _ = cpjax.cp_value_grad_and_hessian_diag(_weighted_cube)(a, b=b, key=KEY)
+    np.testing.assert_allclose(grad, 3 * a**2 * b, rtol=1e-6)
+    np.testing.assert_allclose(cpjax.exact_hessian_diag(_weighted_cube)(a, b=b), 6 * a * b,
+                               rtol=1e-6)
+    np.testing.assert_allclose(cpjax.becker_lecun_hessian_diag(_weighted_cube)(a, b=b),
+                               6 * a * b, rtol=1e-6)
+
+
 def test_same_key_same_estimate():
     first = cpjax.cp_hessian_diag(mixed)(X, key=KEY)
     second = cpjax.cp_hessian_diag(mixed)(X, key=KEY)

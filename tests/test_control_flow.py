@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,42 @@ def test_custom_jvp_rule_curvature_followed():
 
     with pytest.warns(cpjax.FallbackWarning, match="custom_jvp_call"):
         assert_unbiased(cpjax.cp_hessian_diag(f), (X,), reference_diag(f, (X,)))
+
+
+def _straight_through(primal_from_function):
+    """Rounding with a straight-through rule, whose primal output is computed two ways."""
+
+    @jax.custom_jvp
+    def rounded(x):
+        return jnp.round(x)
+
+    @rounded.defjvp
+    def _rounded_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return (rounded(x) if primal_from_function else jnp.round(x)), t
+
+    return lambda x: jnp.sum(rounded(3.0 * x) ** 2)
+
+
+def test_custom_jvp_rule_calling_function_matches_hessian():
+    """The rule returns the function's own output: CP and jax.hessian both give 2 · 3²."""
+    f = _straight_through(primal_from_function=True)
+    x = jnp.array([0.3, -0.7, 1.1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diag = cpjax.cp_hessian_diag(f)(x, key=jax.random.key(0))
+    np.testing.assert_allclose(diag, jnp.diagonal(jax.hessian(f)(x)), rtol=1e-6)
+    np.testing.assert_allclose(diag, 18.0, rtol=1e-6)
+
+
+def test_custom_jvp_rule_with_other_primal_warns():
+    """Rounded again inside the rule, jax.hessian differentiates the rounding (0); CP warns."""
+    f = _straight_through(primal_from_function=False)
+    x = jnp.array([0.3, -0.7, 1.1])
+    with pytest.warns(cpjax.CustomRuleWarning, match=r"rounded .*test_control_flow\.py"):
+        diag = cpjax.cp_hessian_diag(f)(x, key=jax.random.key(0))
+    np.testing.assert_allclose(diag, 18.0, rtol=1e-6)
+    np.testing.assert_array_equal(jnp.diagonal(jax.hessian(f)(x)), 0.0)
 
 
 def test_custom_vjp_with_differentiable_rule():

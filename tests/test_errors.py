@@ -164,3 +164,50 @@ def test_ggn_negative_argnums_model_argument():
     assert diag.shape == x.shape
     with pytest.raises(ValueError, match="argnums=2"):
         cpjax.cp_ggn_diag(model, loss, argnums=2)(w, x, loss_args=(y,), key=jax.random.key(0))
+
+
+def test_library_function_names_callers_line():
+    """An equation inside a jitted JAX function is reported at the line that calls it."""
+    a = jnp.eye(3) * 2.0
+
+    def solve_sum(x):
+        return jnp.sum(jnp.linalg.solve(a + 0.1 * jnp.outer(x, x), x))
+
+    with pytest.warns(cpjax.FallbackWarning,
+                      match=r"test_errors\.py:\d+:\d+ \(.*solve_sum\), inside a JAX library"):
+        cpjax.cp_hessian_diag(solve_sum)(X, key=KEY)
+
+    def fft_power(x):
+        return jnp.sum(jnp.abs(jnp.fft.fft(x)) ** 2)
+
+    with pytest.raises(cpjax.CurvatureError, match=r"test_errors\.py:\d+:\d+ \(.*fft_power\)"):
+        cpjax.cp_hessian_diag(fft_power)(X, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_batch_of_keys(transform):
+    keys = jax.random.split(KEY, 2)
+    with pytest.raises(TypeError, match=r"requires a single PRNG key.*shape \(2,\).*jax\.vmap"):
+        transform(cube_sum)(X, key=keys)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS)
+def test_float_argnums(transform):
+    with pytest.raises(TypeError, match="argnums must be an int or a tuple of ints, got 1.0"):
+        transform(cube_sum, argnums=1.0)(X, key=KEY)
+
+
+@pytest.mark.parametrize("transform", ESTIMATORS[:2])
+def test_separable_not_bool(transform):
+    with pytest.raises(TypeError, match="requires separable to be True or False, got 'yes'"):
+        transform(cube_sum, separable="yes")
+
+
+def test_cp_hessian_names_itself():
+    with pytest.raises(ValueError, match="^cp_hessian requires num_samples >= 1"):
+        cpjax.cp_hessian(cube_sum, num_samples=0)
+
+
+def test_non_array_aux():
+    with pytest.raises(TypeError, match=r"must be an array, but output\[1\] is a str"):
+        cpjax.cp_hessian_diag(lambda x: (cube_sum(x), "note"), has_aux=True)(X, key=KEY)

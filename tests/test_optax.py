@@ -440,6 +440,31 @@ def test_hessian_diag_structure_mismatch_raises():
         opt.update(params, opt.init(params), params, hessian_diag=jnp.ones(3))
 
 
+def test_hessian_diag_shape_mismatch_raises():
+    opt = cp_optax.scale_by_cp_sophia()
+    params = {"a": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"shapes of params.*\['a'\].*\(8,\) against \(3,\)"):
+        opt.update(params, opt.init(params), params, hessian_diag={"a": jnp.ones(8)})
+
+
+@pytest.mark.parametrize("factory", [cp_optax.scale_by_cp_sophia, cp_optax.scale_by_cp_adahessian])
+def test_both_diag_sources_raise(factory):
+    opt = factory()
+    params = jnp.ones(3)
+    with pytest.raises(ValueError, match="both obj_fn and hessian_diag"):
+        opt.update(params, opt.init(params), params, obj_fn=quadratic, hessian_diag=params)
+
+
+@pytest.mark.parametrize("factory", [cp_optax.scale_by_cp_sophia, cp_optax.scale_by_cp_adahessian,
+                                     cp_optax.cp_hessian_diag_estimator])
+def test_obj_fn_with_aux_raises(factory):
+    opt = factory()
+    params = jnp.ones(3)
+    with pytest.raises(TypeError, match=r"obj_fn to return the loss alone.*f\(p\)\[0\]"):
+        opt.update(params, opt.init(params), params,
+                   obj_fn=lambda p: (quadratic(p), {"norm": jnp.sum(p)}))
+
+
 @pytest.mark.parametrize(("kwargs", "error"), [
     ({"update_interval": 0}, ValueError),
     ({"update_interval": 2.0}, TypeError),

@@ -8,13 +8,24 @@ simply be inlined. The linear part of the equation comes from JAX's VJP of the w
 * a call with a rule of its own (`logaddexp`, behind `softplus` and `log_sigmoid`) uses it;
 * anything else uses the generic rule, whose Hessian-vector products also go through the
   custom rule, with a warning.
+
+Deviation from `jax.hessian` for inconsistent rules: the sweep carries T and U through the
+rule's tangent map J, so it estimates `Jᵀ ∇²g J` for what follows the call. `jax.hessian`
+differentiates the gradient `Jᵀ ∇g(y)`, in which `y` is the rule's primal output; it gets
+`Jᵀ ∇²g J_y`, with `J_y` the derivative of however the rule computes `y`. The two agree when
+the rule computes `y` by calling the function itself (JAX then differentiates `y` by the
+rule, `J_y = J`) or when its tangents are the derivatives of `y`. A rule that computes `y`
+with other operations is reported by a `CustomRuleWarning`, since the two differ where its
+tangents are not the derivatives of `y` (a straight-through estimator, say).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax.numpy as jnp
+from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jcore
 
 from cpjax.rules._base import Curvature, Rule
@@ -45,6 +56,30 @@ def _is_piecewise_linear(closed_jaxpr, n_dependent, n_ignored_outputs=0) -> bool
     return all(kind is Curvature.NONE for kind in plan.kinds.values())
 
 
+class CustomRuleWarning(UserWarning):
+    """A custom JVP rule computes its primal output by other operations than the function.
+
+    CP then estimates the Hessian that `jax.hessian` would give if the rule called the
+    function itself, which differs from `jax.hessian`'s result where the rule's tangents are
+    not the derivatives of its primal output (see `cpjax.rules.custom`).
+    """
+
+
+@functools.lru_cache(maxsize=256)
+def _rule_jaxpr(eqn):
+    """Return the custom JVP rule of `eqn` as a `ClosedJaxpr`, or None if it cannot be traced.
+
+    Its outputs are the primal outputs, then the tangents; its inputs the primals, then the
+    tangents (non-zero for every input).
+    """
+    n_in = len(eqn.invars) - eqn.params["num_consts"]
+    try:
+        jvp_jaxpr, consts, _ = eqn.params["jvp_jaxpr_fun"].call_wrapped(*([False] * n_in))
+    except Exception:  # a rule that does not trace on its own
+        return None
+    return jcore.ClosedJaxpr(jvp_jaxpr, consts)
+
+
 @functools.lru_cache(maxsize=256)
 def _rule_is_piecewise_linear(eqn) -> bool:
     """Return whether the body and the custom JVP rule are both piecewise linear in the primals.
@@ -52,17 +87,47 @@ def _rule_is_piecewise_linear(eqn) -> bool:
     `jax.hessian` differentiates the rule, so a piecewise-linear body (`jnp.clip`) with a
     rule whose tangent map varies smoothly (`t * cos(x)`) still has curvature.
     """
-    params = eqn.params
-    n_in = len(eqn.invars) - params["num_consts"]
-    if not _is_piecewise_linear(params["call_jaxpr"], len(eqn.invars)):
+    n_in = len(eqn.invars) - eqn.params["num_consts"]
+    if not _is_piecewise_linear(eqn.params["call_jaxpr"], len(eqn.invars)):
         return False
-    try:
-        jvp_jaxpr, consts, _ = params["jvp_jaxpr_fun"].call_wrapped(*([False] * n_in))
-    except Exception:  # a rule we cannot trace on its own: assume it has curvature
+    rule = _rule_jaxpr(eqn)
+    if rule is None:  # assume it has curvature
         return False
-    # Only the tangent outputs matter: the primal outputs call the function itself again.
-    return _is_piecewise_linear(jcore.ClosedJaxpr(jvp_jaxpr, consts), n_in,
-                                n_ignored_outputs=len(eqn.outvars))
+    # Only the tangent outputs matter here; `_check_primal_output` looks at the others.
+    return _is_piecewise_linear(rule, n_in, n_ignored_outputs=len(eqn.outvars))
+
+
+@functools.lru_cache(maxsize=256)
+def _rule_calls_function(eqn) -> bool:
+    """Return whether the rule computes its primal outputs by calling the function itself.
+
+    Rules defined with `defjvps` (`jax.nn.relu`, `logaddexp`) do, and so do rules that
+    return `f(x)`. JAX then differentiates the primal output by the rule again.
+    """
+    rule = _rule_jaxpr(eqn)
+    if rule is None:
+        return True  # nothing to say about a rule we cannot read
+    n_out = len(eqn.outvars)
+    used = [True] * n_out + [False] * (len(rule.jaxpr.outvars) - n_out)
+    primal_part, _ = pe.dce_jaxpr(rule.jaxpr, used)
+    return all(e.primitive.name == "custom_jvp_call" for e in primal_part.eqns)
+
+
+def _check_primal_output(node) -> None:
+    """Warn when the rule of `node` computes its primal output by other operations."""
+    if _rule_calls_function(node.eqn):
+        return
+    name = custom_function_name(node) or "a custom_jvp function"
+    warnings.warn(
+        f"The custom JVP rule of {name} (at {node.where()}) computes its primal output by "
+        "other operations than the function itself. CP follows the rule's tangents; "
+        "jax.hessian also differentiates those operations, and the two differ where the "
+        "tangents are not their derivatives (a straight-through estimator, say). Return "
+        "the function's own output from the rule (`return f(x), tangent`) to make them "
+        "agree.",
+        CustomRuleWarning,
+        stacklevel=3,
+    )
 
 
 def custom_function_name(node) -> str | None:
@@ -79,6 +144,8 @@ class CustomJvpRule(Rule):
         return NAMED.get(custom_function_name(node), FALLBACK)
 
     def curvature(self, node, info):
+        if any(info.deps):
+            _check_primal_output(node)
         return self._delegate(node).curvature(node, info)
 
     def inject(self, ctx):
