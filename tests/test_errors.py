@@ -168,14 +168,12 @@ def test_ggn_negative_argnums_model_argument():
 
 def test_library_function_names_callers_line():
     """An equation inside a jitted JAX function is reported at the line that calls it."""
-    a = jnp.eye(3) * 2.0
-
-    def solve_sum(x):
-        return jnp.sum(jnp.linalg.solve(a + 0.1 * jnp.outer(x, x), x))
+    def product_sum(x):
+        return jnp.sum(jnp.cumprod(x))
 
     with pytest.warns(cpjax.FallbackWarning,
-                      match=r"test_errors\.py:\d+:\d+ \(.*solve_sum\), inside a JAX library"):
-        cpjax.cp_hessian_diag(solve_sum)(X, key=KEY)
+                      match=r"test_errors\.py:\d+:\d+ \(.*product_sum\), inside a JAX library"):
+        cpjax.cp_hessian_diag(product_sum)(X, key=KEY)
 
     def fft_power(x):
         return jnp.sum(jnp.abs(jnp.fft.fft(x)) ** 2)

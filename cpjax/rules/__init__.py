@@ -9,7 +9,15 @@ from __future__ import annotations
 from jax._src.shard_map import shard_map_p
 from jax.extend.core import primitives as prims
 
-from cpjax.rules import bilinear, binary, composite, elementwise, sharding, zero  # noqa: F401
+from cpjax.rules import (  # noqa: F401
+    bilinear,
+    binary,
+    composite,
+    elementwise,
+    sharding,
+    solve,
+    zero,
+)
 from cpjax.rules._base import (
     COMPOSITE_RULES,
     RULES,
@@ -84,6 +92,8 @@ def supported_primitives() -> dict:
         "elementwise binary, 2×2 split": tuple(
             p for p, r in RULES.items() if isinstance(r, binary.BinaryRule)),
         "bilinear": tuple(p for p, r in RULES.items() if isinstance(r, bilinear.BilinearRule)),
+        "linear solve, split in the solution's space": tuple(
+            p for p, r in RULES.items() if isinstance(r, solve.LinearSolveRule)),
         "control flow and custom rules": tuple(p for p in SPECIAL if p not in COMPLEX),
         "complex values (an error when differentiated)": COMPLEX,
     }

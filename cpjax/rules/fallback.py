@@ -25,7 +25,6 @@ FALLBACK_PRIMITIVES = {
     "scatter-mul": "multiplies scattered updates into the operand: bilinear with an index map",
     "reduce": "a reduction with a user-defined computation: the rule depends on that jaxpr",
     "reduce_window": "a windowed reduction with a user-defined computation",
-    "custom_linear_solve": "custom_linear_solve: its curvature comes from the solve's own rules",
     "igamma": "incomplete gamma function: second derivatives in a, x have no short form",
     "igammac": "complementary incomplete gamma function, as igamma",
     "igamma_grad_a": "derivative of igamma in a, used inside igamma's own derivatives",
