@@ -32,6 +32,8 @@ class _Config:
     estimator: str = "cp"
     # Probes per sweep when the diagonal is formed in chunks (None: all K in one sweep).
     sample_chunk_size: int | None = None
+    # Whether the public function takes has_aux, which error messages then suggest.
+    aux_option: bool = True
 
 
 def _is_dynamic(leaf) -> bool:
@@ -119,7 +121,7 @@ def _run_sweep(fun, config: _Config, argnums: tuple, args, key):
     """Trace, plan and sweep; return (value, aux, grads, diag) with diff args' structure."""
     flat, tree = jax.tree_util.tree_flatten(args)
     program, out_shape = trace_program(fun, flat, tree)
-    _checks.check_output(config.name, out_shape, config.has_aux)
+    _checks.check_output(config.name, out_shape, config.has_aux, config.aux_option)
     positions = _diff_positions(args, argnums)
     input_deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
     output_signs = [1] + [0] * (len(program.outvars) - 1)
@@ -288,14 +290,14 @@ def _pack(config, argnums_in, value, aux, grads, diags):
 
 
 def _transform(name, fun, argnums, has_aux, num_samples, probe, separable, estimator="cp",
-               sample_chunk_size=None):
+               sample_chunk_size=None, aux_option=True):
     _checks.check_options(name, num_samples, probe)
     _checks.check_separable(name, separable)
     _checks.check_chunk_size(name, sample_chunk_size)
     if not callable(fun):
         raise TypeError(f"{name} requires a callable as its first argument, got {fun!r}.")
     config = _Config(name, argnums, bool(has_aux), int(num_samples), probe, bool(separable),
-                     estimator, sample_chunk_size and int(sample_chunk_size))
+                     estimator, sample_chunk_size and int(sample_chunk_size), aux_option)
     return _make_runner(fun, config), config
 
 

@@ -116,8 +116,11 @@ def check_differentiated(name: str, args: tuple, argnums: tuple) -> None:
                 )
 
 
-def check_output(name: str, out_shape, has_aux: bool):
-    """Return the ShapeDtypeStruct of the scalar output, raising on anything else."""
+def check_output(name: str, out_shape, has_aux: bool, aux_option: bool = True):
+    """Return the ShapeDtypeStruct of the scalar output, raising on anything else.
+
+    `aux_option` is whether `name` takes `has_aux`, which the messages then suggest.
+    """
     if has_aux:
         if not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
             raise TypeError(
@@ -126,16 +129,18 @@ def check_output(name: str, out_shape, has_aux: bool):
             )
         out_shape = out_shape[0]
     if not hasattr(out_shape, "shape"):
+        hint = (" If it returns extra values, pass has_aux=True and return (output, aux)."
+                if aux_option else " Return the loss alone.")
         raise TypeError(
             f"{name} requires a function that returns a scalar array, but it returned "
-            f"{jax.tree_util.tree_structure(out_shape)}. If it returns extra values, pass "
-            "has_aux=True and return (output, aux)."
+            f"{jax.tree_util.tree_structure(out_shape)}.{hint}"
         )
     if out_shape.shape != ():
+        hint = (", or pass has_aux=True to return other values alongside a scalar"
+                if aux_option else "")
         raise TypeError(
             f"{name} requires a function with a scalar output, but the output has shape "
-            f"{out_shape.shape}. Reduce it to a scalar (jnp.sum or jnp.mean), or pass "
-            "has_aux=True to return other values alongside a scalar."
+            f"{out_shape.shape}. Reduce it to a scalar (jnp.sum or jnp.mean){hint}."
         )
     if jnp.issubdtype(out_shape.dtype, jnp.complexfloating):
         raise TypeError(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import sys
 from typing import Any
 
 import jax
@@ -48,9 +50,10 @@ class Node:
 
     `eqn` is the original `JaxprEqn`; its primitive and params are what the forward pass
     binds. `composite` names a composite rule (for example "log_softmax") when the node
-    stands for a whole `jax.nn` function kept as one call. `caller` is the source info of
-    the innermost inlined call that has a line of the user's code, for equations inside a
-    JAX library function (`jnp.linalg.solve` is a jitted function).
+    stands for a whole `jax.nn` function kept as one call. `caller` locates equations
+    inside a JAX library function (`jnp.cumprod` is a jitted function): the source info of
+    the innermost inlined call with a line of the user's code, or else the line where the
+    user called cpjax (a string).
     """
 
     index: int
@@ -73,12 +76,45 @@ class Node:
 
         For an equation inside a JAX library function, the line that calls the function.
         """
-        where = source_info_util.summarize(self.eqn.source_info)
+        where = user_line(self.eqn.source_info)
         if where:
             return where
-        if self.caller is not None:
-            return f"{source_info_util.summarize(self.caller)}, inside a JAX library function"
+        caller = self.caller if isinstance(self.caller, str) or self.caller is None else (
+            user_line(self.caller))
+        if caller:
+            return f"{caller}, inside a JAX library function"
         return "an unknown source line (inside a JAX library function)"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_line(source_info) -> str:
+    """Return `file:line:column (function)` of the innermost frame outside JAX and cpjax.
+
+    cpjax's own frames are skipped too, so that an equation of a function that cpjax
+    calls directly (a `jax.shard_map`-wrapped loss) is reported where the user called
+    cpjax. Returns "" when there is no such frame.
+    """
+    for frame in source_info_util.user_frames(source_info.traceback):
+        if not frame.file_name.startswith(_PACKAGE_DIR):
+            column = f":{frame.start_column}" if frame.start_column else ""
+            return f"{frame.file_name}:{frame.start_line}{column} ({frame.function_name})"
+    return ""
+
+
+def entry_line() -> str:
+    """Return `file:line (function)` of the innermost Python frame outside JAX and cpjax.
+
+    Called while cpjax traces a function: the line where the user called cpjax.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if source_info_util.is_user_filename(name) and not name.startswith(_PACKAGE_DIR):
+            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return ""
 
 
 @dataclasses.dataclass
@@ -134,9 +170,8 @@ class _Builder:
             composite = _is_composite_call(eqn)
             if eqn.primitive in INLINED_CALLS and composite is None:
                 inner = _inner_closed_jaxpr(eqn)
-                user_line = source_info_util.summarize(eqn.source_info)
                 outs = self.inline(inner.jaxpr, inner.consts, ins,
-                                   eqn.source_info if user_line else caller)
+                                   eqn.source_info if user_line(eqn.source_info) else caller)
             else:
                 outs = [self.new_var(v.aval) for v in eqn.outvars]
                 self.nodes.append(Node(len(self.nodes), eqn, ins, outs, composite, caller))
@@ -153,11 +188,11 @@ def _inner_closed_jaxpr(eqn):
     return jcore.ClosedJaxpr(inner, ())
 
 
-def build_program(closed_jaxpr) -> Program:
-    """Flatten `closed_jaxpr` into a `Program`, inlining plain calls."""
+def build_program(closed_jaxpr, caller=None) -> Program:
+    """Flatten `closed_jaxpr` into a `Program`, inlining plain calls (see `Node.caller`)."""
     builder = _Builder()
     invars = [builder.new_var(v.aval) for v in closed_jaxpr.jaxpr.invars]
-    outs = builder.inline(closed_jaxpr.jaxpr, closed_jaxpr.consts, invars)
+    outs = builder.inline(closed_jaxpr.jaxpr, closed_jaxpr.consts, invars, caller)
     return Program(invars, builder.nodes, outs)
 
 
@@ -249,54 +284,68 @@ class Composition:
         args = jax.tree_util.tree_unflatten(in_tree, flat_args)
         model_args, loss_args = args[:-1], tuple(args[-1])
         n_model = len(jax.tree_util.tree_leaves(model_args))
-        model_leaves, loss_leaves = flat_args[:n_model], flat_args[n_model:]
         model_tree = jax.tree_util.tree_structure(model_args)
         loss_tree = jax.tree_util.tree_structure(loss_args)
 
-        def model_flat(*leaves):
+        def model_flat(leaves):
             return self.model_fn(*jax.tree_util.tree_unflatten(model_tree, leaves))
 
-        model_jaxpr, z_shape = jax.make_jaxpr(model_flat, return_shape=True)(*model_leaves)
+        model_jaxpr, z_shape, model_traced = _make_jaxpr(model_flat, flat_args[:n_model])
         z_leaves, z_tree = jax.tree_util.tree_flatten(z_shape)
+        n_z = len(z_leaves)
 
-        def loss_flat(*leaves):
-            z = jax.tree_util.tree_unflatten(z_tree, leaves[:len(z_leaves)])
-            rest = jax.tree_util.tree_unflatten(loss_tree, leaves[len(z_leaves):])
-            return self.loss_fn(z, *rest)
+        def loss_flat(leaves):
+            z = jax.tree_util.tree_unflatten(z_tree, leaves[:n_z])
+            return self.loss_fn(z, *jax.tree_util.tree_unflatten(loss_tree, leaves[n_z:]))
 
-        loss_jaxpr, out_shape = jax.make_jaxpr(loss_flat, return_shape=True)(
-            *z_leaves, *loss_leaves)
+        loss_jaxpr, out_shape, loss_traced = _make_jaxpr(loss_flat,
+                                                         z_leaves + flat_args[n_model:])
         builder = _Builder()
-        in_avals = [v.aval for v in model_jaxpr.jaxpr.invars]
-        in_avals += [v.aval for v in loss_jaxpr.jaxpr.invars[len(z_leaves):]]
-        invars = [builder.new_var(aval) for aval in in_avals]
-        z_atoms = builder.inline(model_jaxpr.jaxpr, model_jaxpr.consts, invars[:n_model])
+        model_vars = [builder.new_var(v.aval) for v in model_jaxpr.jaxpr.invars]
+        loss_vars = [builder.new_var(v.aval) for v in loss_jaxpr.jaxpr.invars[n_z:]]
+        caller = entry_line()
+        z_atoms = builder.inline(model_jaxpr.jaxpr, model_jaxpr.consts, model_vars, caller)
         silent = len(builder.nodes)
-        outs = builder.inline(loss_jaxpr.jaxpr, loss_jaxpr.consts, z_atoms + invars[n_model:])
+        outs = builder.inline(loss_jaxpr.jaxpr, loss_jaxpr.consts, z_atoms + loss_vars, caller)
+        # Positions of flat_args: traced leaves get their variables, Python values placeholders.
+        positions = dict(zip(model_traced, model_vars, strict=True))
+        positions.update(zip([n_model + i - n_z for i in loss_traced[n_z:]], loss_vars,
+                             strict=True))
+        invars = [positions.get(i, Var(-1 - i, None)) for i in range(len(flat_args))]
         program = Program(invars, builder.nodes, outs, silent)
         return _fuse_groups(program), out_shape
+
+
+def _make_jaxpr(fun, leaves: list):
+    """Return `make_jaxpr` of `fun(leaves)` with only the array leaves traced.
+
+    Python values stay concrete, as `jax.grad` keeps them. Returns the closed jaxpr, the
+    output's shapes and the positions of the traced leaves.
+    """
+    traced = [i for i, x in enumerate(leaves) if _is_array(x)
+              or isinstance(x, jax.ShapeDtypeStruct)]
+
+    def flat_fun(*arrays):
+        merged = list(leaves)
+        for i, array in zip(traced, arrays, strict=True):
+            merged[i] = array
+        return _check_array_outputs(fun(merged))
+
+    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
+        *[leaves[i] for i in traced])
+    return closed, out_shape, traced
 
 
 def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
     """Trace `fun` (taking the unflattened args) to a flat `Program` and its output tree."""
     if isinstance(fun, Composition):
         return fun.trace(flat_args, in_tree)
-    # Python values (strings, ints, callables) stay concrete, as jax.grad keeps them.
-    traced = [i for i, x in enumerate(flat_args) if _is_array(x)]
-
-    def flat_fun(*leaves):
-        merged = list(flat_args)
-        for i, leaf in zip(traced, leaves, strict=True):
-            merged[i] = leaf
-        return _check_array_outputs(fun(*jax.tree_util.tree_unflatten(in_tree, merged)))
-
-    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(
-        *[flat_args[i] for i in traced])
-    program = _fuse_groups(build_program(closed))
+    closed, out_shape, traced = _make_jaxpr(
+        lambda leaves: fun(*jax.tree_util.tree_unflatten(in_tree, leaves)), flat_args)
+    program = _fuse_groups(build_program(closed, caller=entry_line()))
     # Placeholder variables for the concrete leaves keep positions aligned with flat_args.
-    invars = iter(program.invars)
-    program.invars = [next(invars) if _is_array(x) else Var(-1 - i, None)
-                      for i, x in enumerate(flat_args)]
+    positions = dict(zip(traced, program.invars, strict=True))
+    program.invars = [positions.get(i, Var(-1 - i, None)) for i in range(len(flat_args))]
     return program, out_shape
 
 

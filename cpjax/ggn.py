@@ -120,7 +120,8 @@ def _ggn_runner(name, model_fn, loss_fn, argnums, num_samples, probe, separable,
         if nums not in runs:
             runs[nums] = _transform(name, Composition(model_fn, loss_fn),
                                     nums[0] if single else nums, False, num_samples, probe,
-                                    separable, sample_chunk_size=sample_chunk_size)[0]
+                                    separable, sample_chunk_size=sample_chunk_size,
+                                    aux_option=False)[0]
         value, _, grads, diags = runs[nums]((*args, loss_args), key)
         if single:
             return value, grads[0], diags[0]
@@ -155,6 +156,8 @@ def exact_ggn_diag(model_fn, loss_fn, argnums=0, *, chunk_size=64):
         # The model as a function of the raveled differentiated arguments.
         model_of, v0, unravel, _ = _flat_objective(model_fn, args, nums, has_aux=False)
         z = model_of(v0)
+        _checks.check_output(name, jax.eval_shape(lambda z: loss_fn(z, *loss_args), z),
+                             has_aux=False, aux_option=False)
         loss_grad = jax.grad(lambda z: loss_fn(z, *loss_args))
 
         def entry(i):

@@ -133,9 +133,14 @@ def _check_key(name: str, key) -> None:
 
 
 def _as_key(key) -> jax.Array:
-    """Return `jax.random.key(key)` for an integer seed, else the PRNG key unchanged."""
+    """Return `jax.random.PRNGKey(key)` for an integer seed, else the PRNG key unchanged.
+
+    A seed becomes a raw uint32 key, not a typed one, so that the optimizer state contains
+    plain arrays only: `jax.tree.map(np.asarray, state)` fails on a typed key. The draws are
+    the same as from `jax.random.key(key)`.
+    """
     if _is_integer_seed(key):
-        return jax.random.key(key)
+        return jax.random.PRNGKey(key)
     return key
 
 

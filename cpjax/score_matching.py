@@ -62,6 +62,28 @@ def _check_options(estimator, num_samples, probe) -> None:
         raise ValueError(f"unknown probe {probe!r}; expected one of {expected}.")
 
 
+def _check_data(x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"score matching differentiates the energy with respect to the data, which must "
+            f"be real floating-point; got dtype {x.dtype}. Cast it: x.astype(jnp.float32).")
+
+
+def _scalar_energy(energy):
+    """Return `energy`, checked at trace time to give one scalar per data point."""
+
+    def checked(params, x):
+        out = energy(params, x)
+        if jnp.shape(out) != ():
+            raise TypeError(
+                f"score matching requires energy(params, x) to return a scalar for one data "
+                f"point x of shape {jnp.shape(x)}, but it returned shape {jnp.shape(out)}. "
+                "score_matching_loss maps the energy over axis 0 of the batch itself.")
+        return out
+
+    return checked
+
+
 def _check_key(estimator, key) -> None:
     if estimator != "exact" and key is None:
         raise TypeError(f"the {estimator!r} score-matching estimator draws random probes and "
@@ -167,6 +189,7 @@ def score_matching_objective(energy, estimator="cp", *, num_samples=1, probe="ra
       6.0
     """
     _check_options(estimator, num_samples, probe)
+    energy = _scalar_energy(energy)
     if estimator == "exact":
         objective = _exact_objective(energy)
     elif estimator == "cp":
@@ -177,7 +200,9 @@ def score_matching_objective(energy, estimator="cp", *, num_samples=1, probe="ra
 
     def checked_objective(params, x, key=None):
         _check_key(estimator, key)
-        return objective(params, jnp.asarray(x), key)
+        x = jnp.asarray(x)
+        _check_data(x)
+        return objective(params, x, key)
 
     return checked_objective
 
@@ -216,6 +241,10 @@ def score_matching_loss(energy, estimator="cp", *, num_samples=1, probe="rademac
 
     def loss(params, batch, key=None):
         batch = jnp.asarray(batch)
+        if batch.ndim == 0 or batch.shape[0] == 0:
+            raise ValueError(
+                f"score_matching_loss requires a batch of data points stacked along axis 0, "
+                f"got shape {batch.shape}. For one point x, pass x[None].")
         if estimator == "exact":
             values = jax.vmap(objective, in_axes=(None, 0))(params, batch)
         else:

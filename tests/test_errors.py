@@ -209,3 +209,10 @@ def test_cp_hessian_names_itself():
 def test_non_array_aux():
     with pytest.raises(TypeError, match=r"must be an array, but output\[1\] is a str"):
         cpjax.cp_hessian_diag(lambda x: (cube_sum(x), "note"), has_aux=True)(X, key=KEY)
+
+
+def test_function_called_by_cpjax_reported_at_users_call():
+    """A library function passed to cpjax directly is reported where cpjax is called."""
+    with pytest.warns(cpjax.FallbackWarning,
+                      match=r"reduce_prod' \(at [^)]*test_errors\.py:\d+ \(test_function"):
+        cpjax.cp_hessian_diag(jnp.prod)(X, key=KEY)

@@ -261,6 +261,32 @@ def test_cp_ggn_loss_args_not_tuple():
                                                       key=jax.random.key(0))
 
 
+def test_ggn_python_arguments_stay_static():
+    """Strings among the model's and the loss's arguments stay static, as in the Hessian API."""
+
+    def model(w, x, activation):
+        return jnp.tanh(x @ w) if activation == "tanh" else x @ w
+
+    def loss(z, y, reduction):
+        return 0.5 * jnp.sum((z - y) ** 2) * (2.0 if reduction == "double" else 1.0)
+
+    w, x, y = jnp.ones((3, 2)) / 3, jnp.arange(12.0).reshape(4, 3) / 10, jnp.zeros((4, 2))
+    for activation, reduction in [("tanh", "single"), ("linear", "double")]:
+        exact = cpjax.exact_ggn_diag(model, loss)(w, x, activation, loss_args=(y, reduction))
+        assert_unbiased(
+            lambda w, key, a=activation, r=reduction: cpjax.cp_ggn_diag(model, loss)(
+                w, x, a, loss_args=(y, r), key=key), (w,), exact)
+
+
+def test_ggn_vector_loss_rejected():
+    model = lambda w, x: x @ w  # noqa: E731
+    w, x = jnp.ones((3, 2)), jnp.ones((4, 3))
+    calls = [(cpjax.cp_ggn_diag, {"key": jax.random.key(0)}), (cpjax.exact_ggn_diag, {})]
+    for transform, kwargs in calls:
+        with pytest.raises(TypeError, match=r"scalar output.*shape \(4, 2\).*jnp\.sum"):
+            transform(model, lambda z: z**2)(w, x, **kwargs)
+
+
 def test_fused_ggn_value_and_grad_exact():
     params, x, labels = tanh_args()
     value, grad, diag = cpjax.cp_value_grad_and_ggn_diag(tanh_model, cross_entropy)(

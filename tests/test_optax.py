@@ -380,6 +380,19 @@ def test_raw_uint32_key_accepted():
     assert np.all(np.isfinite(updates))
 
 
+def test_seeded_state_saves_as_numpy():
+    """An int seed is stored as a raw key: the state converts to NumPy and back."""
+    opt = cp_optax.cp_sophia(0.1, update_interval=1)
+    params = jnp.ones(3)
+    state = opt.init(params)
+    update = jit_update(opt, quadratic)
+    _, state = update(jax.grad(quadratic)(params), state, params)
+    restored = jax.tree.map(jnp.asarray, jax.tree.map(np.asarray, state))
+    expected, _ = update(jax.grad(quadratic)(params), state, params)
+    again, _ = update(jax.grad(quadratic)(params), restored, params)
+    np.testing.assert_array_equal(again, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # Negative and tiny estimates
 

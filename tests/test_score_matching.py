@@ -167,6 +167,31 @@ def test_unknown_probe_raises():
         sm.score_matching_objective(sm.mlp_energy, "sliced", probe="uniform")
 
 
+def _quadratic_energy(params, x):
+    return 0.5 * params * jnp.sum(x**2)
+
+
+@pytest.mark.parametrize("estimator", sm.ESTIMATORS)
+def test_integer_data_raises(estimator):
+    objective = sm.score_matching_objective(_quadratic_energy, estimator)
+    with pytest.raises(TypeError, match="must be real floating-point; got dtype int"):
+        objective(2.0, jnp.array([1, 2]), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("estimator", sm.ESTIMATORS)
+def test_non_scalar_energy_raises(estimator):
+    objective = sm.score_matching_objective(lambda p, x: p * x**2, estimator)
+    with pytest.raises(TypeError, match=r"return a scalar .* returned shape \(2,\)"):
+        objective(2.0, jnp.array([1.0, 2.0]), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("batch", [jnp.zeros((0, 2)), jnp.array(1.0)])
+def test_empty_or_scalar_batch_raises(batch):
+    loss = sm.score_matching_loss(_quadratic_energy, "cp")
+    with pytest.raises(ValueError, match="batch of data points stacked along axis 0"):
+        loss(2.0, batch, key=jax.random.key(0))
+
+
 def test_whitened_patches():
     pytest.importorskip("sklearn")
     pytest.importorskip("PIL")
