@@ -25,7 +25,6 @@ import functools
 import warnings
 
 import jax.numpy as jnp
-from jax._src.interpreters import partial_eval as pe
 from jax.extend import core as jcore
 
 from cpjax.rules._base import Curvature, Rule
@@ -107,10 +106,19 @@ def _rule_calls_function(eqn) -> bool:
     rule = _rule_jaxpr(eqn)
     if rule is None:
         return True  # nothing to say about a rule we cannot read
-    n_out = len(eqn.outvars)
-    used = [True] * n_out + [False] * (len(rule.jaxpr.outvars) - n_out)
-    primal_part, _ = pe.dce_jaxpr(rule.jaxpr, used)
-    return all(e.primitive.name == "custom_jvp_call" for e in primal_part.eqns)
+    return all(e.primitive.name == "custom_jvp_call"
+               for e in _eqns_computing(rule.jaxpr, rule.jaxpr.outvars[:len(eqn.outvars)]))
+
+
+def _eqns_computing(jaxpr, outvars) -> list:
+    """Return the equations of `jaxpr` that `outvars` depend on."""
+    needed = {v for v in outvars if isinstance(v, jcore.Var)}
+    found = []
+    for e in reversed(jaxpr.eqns):
+        if any(v in needed for v in e.outvars):
+            found.append(e)
+            needed.update(v for v in e.invars if isinstance(v, jcore.Var))
+    return found
 
 
 def _check_primal_output(node) -> None:
