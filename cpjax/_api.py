@@ -175,6 +175,7 @@ def _curvature_propagation(plan, flat, out_cts, key, config, positions):
     if config.estimator == "cp_factors":
         return result.outvals, result.grads, [
             _split_rows(rows, flat[i], config.num_samples, plan.symmetric)
+            if i in positions else None  # a leaf not differentiated, maybe a Python value
             for i, rows in enumerate(result.rows)
         ]
     diags = []

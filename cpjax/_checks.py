@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,16 @@ def normalize_argnums(name: str, argnums, n_args: int) -> tuple:
     return normalized
 
 
+@functools.lru_cache(maxsize=8)
+def _raw_key_shape(impl: str) -> tuple:
+    """Return the shape of `jax.random.PRNGKey(0)` under the default implementation `impl`.
+
+    Computed, not traced: `jax.eval_shape` reuses a trace made under another default.
+    """
+    with jax.ensure_compile_time_eval():
+        return jax.random.PRNGKey(0).shape
+
+
 def check_key(name: str, key) -> None:
     if key is None:
         raise TypeError(
@@ -85,7 +97,8 @@ def check_key(name: str, key) -> None:
                 "jax.vmap(lambda k: fn(*args, key=k))(keys)."
             )
         return
-    if dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
+    if dtype == jnp.uint32 and getattr(key, "shape", None) == _raw_key_shape(
+            jax.config.jax_default_prng_impl):
         return
     raise TypeError(
         f"{name} requires key to be a PRNG key from jax.random.key(seed) or "

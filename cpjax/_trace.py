@@ -352,7 +352,8 @@ def trace_program(fun, flat_args: list, in_tree) -> tuple[Program, Any]:
 def _check_array_outputs(out):
     """Return `out`, raising a `TypeError` that names any leaf that is not an array."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
-        if not (hasattr(leaf, "aval") or isinstance(leaf, (int, float, np.ndarray, np.generic))):
+        if not (hasattr(leaf, "aval")
+                or isinstance(leaf, (int, float, complex, np.ndarray, np.generic))):
             raise TypeError(
                 f"cpjax traces the function with jax.jit, so every value it returns (aux "
                 f"included) must be an array, but output{jax.tree_util.keystr(path)} is a "

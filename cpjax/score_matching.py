@@ -78,7 +78,7 @@ def _scalar_energy(energy):
             raise TypeError(
                 f"score matching requires energy(params, x) to return a scalar for one data "
                 f"point x of shape {jnp.shape(x)}, but it returned shape {jnp.shape(out)}. "
-                "score_matching_loss maps the energy over axis 0 of the batch itself.")
+                "For a batch, use score_matching_loss, which maps the energy over axis 0.")
         return out
 
     return checked

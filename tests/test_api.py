@@ -157,6 +157,8 @@ def test_keyword_arguments_static_and_jitted():
                                rtol=1e-6)
     np.testing.assert_allclose(cpjax.becker_lecun_hessian_diag(_weighted_cube)(a, b=b),
                                6 * a * b, rtol=1e-6)
+    hessian = cpjax.cp_hessian(_weighted_cube)(a, b=b, mode="linear", key=KEY)
+    np.testing.assert_array_equal(hessian, jnp.zeros((2, 2)))
 
 
 def test_same_key_same_estimate():

@@ -176,6 +176,37 @@ def test_custom_jvp_rule_with_other_primal_warns():
     np.testing.assert_array_equal(jnp.diagonal(jax.hessian(f)(x)), 0.0)
 
 
+def test_custom_jvp_rule_of_other_function_warns():
+    """A rule whose primal output calls another custom_jvp function (relu) is reported."""
+
+    @jax.custom_jvp
+    def smooth_relu(x):
+        return jax.nn.relu(x)
+
+    @smooth_relu.defjvp
+    def _smooth_relu_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return jax.nn.relu(x), t * jax.nn.sigmoid(4 * x)
+
+    with pytest.warns(cpjax.CustomRuleWarning, match="smooth_relu"), \
+            pytest.warns(cpjax.FallbackWarning):
+        cpjax.cp_hessian_diag(lambda x: jnp.sum(smooth_relu(x) ** 3))(X, key=jax.random.key(0))
+
+
+def test_library_determinant_not_reported():
+    """jnp.linalg.det computes its primal by LU in its rule; JAX's own rules are trusted."""
+    p = jnp.arange(4.0) / 4
+
+    def fun(x):
+        return jnp.linalg.det(jnp.outer(x, p) + jnp.eye(4))
+
+    x = jnp.array([0.3, -0.7, 1.1, 0.4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cpjax.CustomRuleWarning)
+        warnings.simplefilter("ignore", cpjax.FallbackWarning)
+        cpjax.cp_hessian_diag(fun)(x, key=jax.random.key(0))
+
+
 def test_custom_vjp_with_differentiable_rule():
     def f(x):
         return jnp.sum(jnp.sin(scaled_square(x)))

@@ -393,6 +393,20 @@ def test_seeded_state_saves_as_numpy():
     np.testing.assert_array_equal(again, expected)
 
 
+def test_seed_under_rbg_default_impl():
+    """An int seed under another default PRNG implementation gives a raw key cpjax accepts."""
+    default = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        opt = cp_optax.cp_sophia(0.1, update_interval=1)
+        params = jnp.ones(3)
+        updates, state = opt.update(jax.grad(quadratic)(params), opt.init(params), params,
+                                    obj_fn=quadratic)
+        assert np.all(np.isfinite(updates))
+    finally:
+        jax.config.update("jax_default_prng_impl", default)
+
+
 # ---------------------------------------------------------------------------------------
 # Negative and tiny estimates
 

@@ -80,6 +80,27 @@ def test_nonlinear_matvec_uses_generic_rule():
                         reference_diag(scaled_solve, (X,)))
 
 
+def test_solve_with_aux_unbiased():
+    """A solve with has_aux=True: its aux outputs have zero tangents and add no curvature."""
+
+    def fun(x):
+        a = jnp.eye(3) * 2 + jnp.outer(x[:3], x[:3]) * 0.3
+
+        def solve_with_total(_, b):
+            s = jnp.linalg.solve(a, b)
+            return s, jnp.sum(s)
+
+        def transpose_solve_with_total(_, b):
+            s = jnp.linalg.solve(a.T, b)
+            return s, jnp.sum(s)
+
+        y, total = lax.custom_linear_solve(lambda v: a @ v, 2 * x[3:], solve_with_total,
+                                           transpose_solve_with_total, has_aux=True)
+        return jnp.sum(y**2) + total**2
+
+    assert_unbiased(cpjax.cp_hessian_diag(fun), (X,), reference_diag(fun, (X,)))
+
+
 def test_constant_matrix_is_linear():
     """With a constant matrix the solve injects nothing: only the square's PSD curvature
     remains, so the sweep carries one vector (T = U)."""

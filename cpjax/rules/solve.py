@@ -91,7 +91,8 @@ class LinearSolveRule(Rule):
         solve_t = jcore.jaxpr_as_fun(jaxprs.transpose_solve)
 
         def transposed_solve(w):
-            return solve_t(*[vals[i] for i in solve_t_idx], *w)
+            # A solve with has_aux=True returns its aux values after the solution.
+            return solve_t(*[vals[i] for i in solve_t_idx], *w)[:n_x]
 
         def matvec_vjp(y, cotangent):
             """Return `∂_c ⟨cotangent, matvec(c, y)⟩` for the dependent constants."""
