@@ -54,7 +54,7 @@ def test_solve_variance_below_generic_rule(monkeypatch):
     """The rule's summed single-probe variance is below the generic rule's.
 
     Measured at 4,000 probes: 1.26 against 3.75 for `matrix_and_rhs`, and 0.81 against 3.80
-    on a 12×12 solve. The assertion asks for a factor of 1.5 at 2,000 probes.
+    on a 12×12 solve. The test requires a factor of 1.5 at 2,000 probes.
     """
     estimator = cpjax.cp_hessian_diag(matrix_and_rhs)
     structured = sample_variance(estimator, (X,), 2000, seed=7).sum()
