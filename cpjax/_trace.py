@@ -103,6 +103,23 @@ def user_line(source_info) -> str:
     return ""
 
 
+def user_stacklevel() -> int:
+    """Return the `stacklevel` at which `warnings.warn` names the user's code.
+
+    The caller of this function passes it on to `warnings.warn`. The level is that of the
+    innermost Python frame outside JAX and cpjax, so that a warning raised while cpjax
+    traces a function shows the user's file and line (and Python's default filter shows
+    it once per line of the user's).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if source_info_util.is_user_filename(name) and not name.startswith(_PACKAGE_DIR):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 def entry_line() -> str:
     """Return `file:line (function)` of the innermost Python frame outside JAX and cpjax.
 

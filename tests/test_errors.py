@@ -216,3 +216,10 @@ def test_function_called_by_cpjax_reported_at_users_call():
     with pytest.warns(cpjax.FallbackWarning,
                       match=r"reduce_prod' \(at [^)]*test_errors\.py:\d+ \(test_function"):
         cpjax.cp_hessian_diag(jnp.prod)(X, key=KEY)
+
+
+def test_warning_located_in_users_file():
+    """Python's warning location is the user's call, not a line of cpjax."""
+    with pytest.warns(cpjax.FallbackWarning) as record:
+        cpjax.cp_hessian_diag(lambda x: jnp.sum(jnp.cumprod(x)))(X, key=KEY)
+    assert record[0].filename == __file__

@@ -28,6 +28,7 @@ import warnings
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from cpjax._trace import user_stacklevel
 from cpjax.rules._base import Curvature, Rule
 from cpjax.rules.binary import BinaryRule
 from cpjax.rules.fallback import FALLBACK
@@ -161,7 +162,7 @@ def _check_primal_output(node) -> None:
         "the function's own output from the rule (`return f(x), tangent`) to make them "
         "agree.",
         CustomRuleWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

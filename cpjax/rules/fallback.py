@@ -13,6 +13,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from cpjax._trace import user_stacklevel
 from cpjax.rules._base import Curvature, Rule
 
 # Differentiable primitives of jax.lax that use the generic rule on purpose, and why.
@@ -51,7 +52,7 @@ def _warn_once(node) -> None:
         "the generic rule F = M, G = I with a Hessian-vector product per probe, which is "
         "unbiased but has a much larger variance.",
         FallbackWarning,
-        stacklevel=2,
+        stacklevel=user_stacklevel(),
     )
 
 
