@@ -107,9 +107,9 @@ def user_stacklevel() -> int:
     """Return the `stacklevel` at which `warnings.warn` names the user's code.
 
     The caller of this function passes it on to `warnings.warn`. The level is that of the
-    innermost Python frame outside JAX and cpjax, so that a warning raised while cpjax
-    traces a function shows the user's file and line (and Python's default filter shows
-    it once per line of the user's).
+    innermost Python frame outside JAX and cpjax. A warning raised while cpjax traces a
+    function then shows the user's file and line, and Python's default filter shows it
+    once per such line.
     """
     frame, level = sys._getframe(1), 1
     while frame is not None:
