@@ -14,6 +14,10 @@ equation's key. Shared values thus get shared probes and per-device values indep
 keeps the estimate unbiased. The draws depend on the device layout, so an estimate whose
 curvature comes from per-device equations differs from the one-device estimate for the same
 key and agrees with it in mean. Where all curvature comes from shared values, it is equal.
+
+NOTE: the body gets no separable-axis form (`cpjax._separable`): a batch split over devices
+inside a shard_map is swept like `separable=False`, with far more variance than the same
+loss under `jax.jit` with sharded inputs (see the README, "Devices, memory and precision").
 """
 
 from __future__ import annotations
