@@ -242,7 +242,7 @@ def _unflatten_like(args, argnums, leaves):
 
 
 class KeywordsLast:
-    """`fun(*args[:-1], **args[-1])`: keyword arguments passed as one last positional dict.
+    """Wrapper calling `fun(*args[:-1], **args[-1])`: keyword arguments as a last dict.
 
     The estimators take keyword arguments as `jax.grad` does: passed on to `fun` and not
     differentiated. As a last argument, their arrays are traced and their Python values
@@ -258,12 +258,14 @@ class KeywordsLast:
 
 def _make_runner(fun, config: _Config):
     """Return `run(args, key, kwargs) -> (value, aux, grads, diags)`, jit-compiled per shape."""
-    with_keywords = KeywordsLast(fun)
+    # The function to trace, by whether the call has keyword arguments. A Gauss-Newton
+    # `Composition` never gets any, and must reach `trace_program` unwrapped.
+    targets = {False: fun, True: KeywordsLast(fun)}
 
     @functools.partial(jax.jit, static_argnums=(2, 3, 4))
     def jitted(dynamic, key, static, argnums, keywords):
         args = jax.tree_util.tree_unflatten(static.tree, _merge_call(dynamic, static))
-        return _run_sweep(with_keywords if keywords else fun, config, argnums, args, key)
+        return _run_sweep(targets[keywords], config, argnums, args, key)
 
     def run(args, key, kwargs=None):
         if config.estimator != "becker_lecun":
@@ -277,7 +279,7 @@ def _make_runner(fun, config: _Config):
         try:
             hash(static)
         except TypeError:  # an unhashable Python leaf: trace on every call instead
-            return _run_sweep(with_keywords if keywords else fun, config, argnums, args, key)
+            return _run_sweep(targets[keywords], config, argnums, args, key)
         return jitted(dynamic, key, static, argnums, keywords)
 
     return run

@@ -50,10 +50,9 @@ class Node:
 
     `eqn` is the original `JaxprEqn`; its primitive and params are what the forward pass
     binds. `composite` names a composite rule (for example "log_softmax") when the node
-    stands for a whole `jax.nn` function kept as one call. `caller` locates equations
-    inside a JAX library function (`jnp.cumprod` is a jitted function): the source info of
-    the innermost inlined call with a line of the user's code, or else the line where the
-    user called cpjax (a string).
+    stands for a whole `jax.nn` function kept as one call. `caller` locates an equation
+    inside a JAX library function (`jnp.cumprod` is a jitted function): the user's line of
+    the innermost inlined call that has one, or else the line where the user called cpjax.
     """
 
     index: int
@@ -61,7 +60,7 @@ class Node:
     invars: list
     outvars: list
     composite: str | None = None
-    caller: Any = None
+    caller: str = ""
 
     @property
     def primitive(self):
@@ -79,14 +78,18 @@ class Node:
         where = user_line(self.eqn.source_info)
         if where:
             return where
-        caller = self.caller if isinstance(self.caller, str) or self.caller is None else (
-            user_line(self.caller))
-        if caller:
-            return f"{caller}, inside a JAX library function"
+        if self.caller:
+            return f"{self.caller}, inside a JAX library function"
         return "an unknown source line (inside a JAX library function)"
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _is_user_file(file_name: str) -> bool:
+    """Return whether a source file is the user's: neither JAX's nor cpjax's."""
+    return (source_info_util.is_user_filename(file_name)
+            and not file_name.startswith(_PACKAGE_DIR))
 
 
 def user_line(source_info) -> str:
@@ -97,41 +100,45 @@ def user_line(source_info) -> str:
     cpjax. Returns "" when there is no such frame.
     """
     for frame in source_info_util.user_frames(source_info.traceback):
-        if not frame.file_name.startswith(_PACKAGE_DIR):
+        if _is_user_file(frame.file_name):
             column = f":{frame.start_column}" if frame.start_column else ""
             return f"{frame.file_name}:{frame.start_line}{column} ({frame.function_name})"
     return ""
 
 
+def _user_python_frame():
+    """Return `(frame, stacklevel)` of the innermost Python frame in the user's code.
+
+    The level counts from the function that calls this one (level 1). Returns
+    `(None, 1)` when every frame is JAX's or cpjax's.
+    """
+    frame, level = sys._getframe(2), 1
+    while frame is not None:
+        if _is_user_file(frame.f_code.co_filename):
+            return frame, level
+        frame, level = frame.f_back, level + 1
+    return None, 1
+
+
 def user_stacklevel() -> int:
     """Return the `stacklevel` at which `warnings.warn` names the user's code.
 
-    The caller of this function passes it on to `warnings.warn`. The level is that of the
-    innermost Python frame outside JAX and cpjax. A warning raised while cpjax traces a
-    function then shows the user's file and line, and Python's default filter shows it
-    once per such line.
+    The caller of this function passes it on to `warnings.warn`. A warning raised while
+    cpjax traces a function then shows the user's file and line, and Python's default
+    filter shows it once per such line.
     """
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if source_info_util.is_user_filename(name) and not name.startswith(_PACKAGE_DIR):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
+    return _user_python_frame()[1]
 
 
 def entry_line() -> str:
-    """Return `file:line (function)` of the innermost Python frame outside JAX and cpjax.
+    """Return `file:line (function)` of the innermost Python frame in the user's code.
 
-    Called while cpjax traces a function: the line where the user called cpjax.
+    Called while cpjax traces a function, this is the line where the user called cpjax.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if source_info_util.is_user_filename(name) and not name.startswith(_PACKAGE_DIR):
-            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
-        frame = frame.f_back
-    return ""
+    frame, _ = _user_python_frame()
+    if frame is None:
+        return ""
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
 
 
 @dataclasses.dataclass
@@ -166,10 +173,10 @@ class _Builder:
     def new_var(self, aval) -> Var:
         return Var(next(self._ids), aval)
 
-    def inline(self, jaxpr, consts, in_atoms, caller=None) -> list:
+    def inline(self, jaxpr, consts, in_atoms, caller: str = "") -> list:
         """Append the equations of `jaxpr` with its inputs bound to `in_atoms`.
 
-        `caller` is the source info of the innermost call with a line of the user's code.
+        `caller` is the user's line of the innermost call that has one (see `Node.caller`).
         """
         env = {}
         for v, c in zip(jaxpr.constvars, consts, strict=True):
@@ -188,7 +195,7 @@ class _Builder:
             if eqn.primitive in INLINED_CALLS and composite is None:
                 inner = _inner_closed_jaxpr(eqn)
                 outs = self.inline(inner.jaxpr, inner.consts, ins,
-                                   eqn.source_info if user_line(eqn.source_info) else caller)
+                                   user_line(eqn.source_info) or caller)
             else:
                 outs = [self.new_var(v.aval) for v in eqn.outvars]
                 self.nodes.append(Node(len(self.nodes), eqn, ins, outs, composite, caller))
@@ -205,7 +212,7 @@ def _inner_closed_jaxpr(eqn):
     return jcore.ClosedJaxpr(inner, ())
 
 
-def build_program(closed_jaxpr, caller=None) -> Program:
+def build_program(closed_jaxpr, caller: str = "") -> Program:
     """Flatten `closed_jaxpr` into a `Program`, inlining plain calls (see `Node.caller`)."""
     builder = _Builder()
     invars = [builder.new_var(v.aval) for v in closed_jaxpr.jaxpr.invars]

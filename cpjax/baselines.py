@@ -99,9 +99,10 @@ def exact_hessian_diag(fun, argnums=0, has_aux=False, *, chunk_size=64):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or (
             chunk_size < 1):
         raise ValueError(f"{name} requires chunk_size >= 1, got {chunk_size!r}.")
+    with_keywords = KeywordsLast(fun)  # the call's keyword arguments travel as a last dict
 
     def impl(args, nums, key):
-        f, v0, unravel, call = _flat_objective(KeywordsLast(fun), args, nums, has_aux)
+        f, v0, unravel, call = _flat_objective(with_keywords, args, nums, has_aux)
         _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         n = v0.size
@@ -139,9 +140,10 @@ def hutchinson_hessian_diag(fun, argnums=0, has_aux=False, *, num_samples=1,
     """
     name = "hutchinson_hessian_diag"
     _checks.check_options(name, num_samples, probe)
+    with_keywords = KeywordsLast(fun)  # the call's keyword arguments travel as a last dict
 
     def impl(args, nums, key):
-        f, v0, unravel, call = _flat_objective(KeywordsLast(fun), args, nums, has_aux)
+        f, v0, unravel, call = _flat_objective(with_keywords, args, nums, has_aux)
         _check_output(name, call, v0, has_aux)
         hvp = _hvp(f, v0)
         probes = _probes.draw(key, (num_samples, v0.size), v0.dtype, probe)
