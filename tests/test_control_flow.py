@@ -141,7 +141,10 @@ def test_custom_jvp_rule_curvature_followed():
 
 
 def _straight_through(primal_from_function):
-    """Rounding with a straight-through rule, whose primal output is computed two ways."""
+    """Return a loss of values rounded by a straight-through rule.
+
+    The rule computes its primal output by calling the function or by rounding again.
+    """
 
     @jax.custom_jvp
     def rounded(x):
@@ -155,7 +158,7 @@ def _straight_through(primal_from_function):
     return lambda x: jnp.sum(rounded(3.0 * x) ** 2)
 
 
-def test_custom_jvp_rule_calling_function_matches_hessian():
+def test_rule_calling_function_matches_hessian():
     """The rule returns the function's own output: CP and jax.hessian both give 2 · 3²."""
     f = _straight_through(primal_from_function=True)
     x = jnp.array([0.3, -0.7, 1.1])
@@ -166,8 +169,8 @@ def test_custom_jvp_rule_calling_function_matches_hessian():
     np.testing.assert_allclose(diag, 18.0, rtol=1e-6)
 
 
-def test_custom_jvp_rule_with_other_primal_warns():
-    """Rounded again inside the rule, jax.hessian differentiates the rounding (0); CP warns."""
+def test_rule_other_primal_warns():
+    """With a second rounding in the rule, jax.hessian gives 0 and CP 18, with a warning."""
     f = _straight_through(primal_from_function=False)
     x = jnp.array([0.3, -0.7, 1.1])
     with pytest.warns(cpjax.CustomRuleWarning, match=r"rounded .*test_control_flow\.py"):
@@ -176,7 +179,7 @@ def test_custom_jvp_rule_with_other_primal_warns():
     np.testing.assert_array_equal(jnp.diagonal(jax.hessian(f)(x)), 0.0)
 
 
-def test_custom_jvp_rule_of_other_function_warns():
+def test_rule_other_function_warns():
     """A rule whose primal output calls another custom_jvp function (relu) is reported."""
 
     @jax.custom_jvp
@@ -194,7 +197,7 @@ def test_custom_jvp_rule_of_other_function_warns():
 
 
 def test_library_determinant_not_reported():
-    """jnp.linalg.det computes its primal by LU in its rule; JAX's own rules are trusted."""
+    """JAX's own rules are trusted, although det's rule computes its primal output by LU."""
     p = jnp.arange(4.0) / 4
 
     def fun(x):

@@ -211,10 +211,10 @@ def test_non_array_aux():
         cpjax.cp_hessian_diag(lambda x: (cube_sum(x), "note"), has_aux=True)(X, key=KEY)
 
 
-def test_function_called_by_cpjax_reported_at_users_call():
+def test_direct_call_located_at_caller():
     """A library function passed to cpjax directly is reported where cpjax is called."""
     with pytest.warns(cpjax.FallbackWarning,
-                      match=r"reduce_prod' \(at [^)]*test_errors\.py:\d+ \(test_function"):
+                      match=r"reduce_prod' \(at [^)]*test_errors\.py:\d+ \(test_direct_call"):
         cpjax.cp_hessian_diag(jnp.prod)(X, key=KEY)
 
 

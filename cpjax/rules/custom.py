@@ -11,7 +11,7 @@ simply be inlined. The linear part of the equation comes from JAX's VJP of the w
 
 Deviation from `jax.hessian` for inconsistent rules: the sweep carries T and U through the
 rule's tangent map J, so it estimates `Jᵀ ∇²g J` for what follows the call. `jax.hessian`
-differentiates the gradient `Jᵀ ∇g(y)`, in which `y` is the rule's primal output; it gets
+differentiates the gradient `Jᵀ ∇g(y)`, in which `y` is the rule's primal output, and gets
 `Jᵀ ∇²g J_y`, with `J_y` the derivative of however the rule computes `y`. The two agree when
 the rule computes `y` by calling the function itself (JAX then differentiates `y` by the
 rule, `J_y = J`) or when its tangents are the derivatives of `y`. A rule that computes `y`
@@ -70,8 +70,8 @@ class CustomRuleWarning(UserWarning):
 def _rule_jaxpr(eqn):
     """Return the custom JVP rule of `eqn` as a `ClosedJaxpr`, or None if it cannot be traced.
 
-    Its outputs are the primal outputs, then the tangents; its inputs the primals, then the
-    tangents (non-zero for every input).
+    Its outputs are the primal outputs, then the tangents. Its inputs are the primals, then
+    the tangents (non-zero for every input).
     """
     n_in = len(eqn.invars) - eqn.params["num_consts"]
     try:
@@ -94,7 +94,7 @@ def _rule_is_piecewise_linear(eqn) -> bool:
     rule = _rule_jaxpr(eqn)
     if rule is None:  # assume it has curvature
         return False
-    # Only the tangent outputs matter here; `_check_primal_output` looks at the others.
+    # Only the tangent outputs matter here. `_check_primal_output` checks the primal ones.
     return _is_piecewise_linear(rule, n_in, n_ignored_outputs=len(eqn.outvars))
 
 
@@ -123,8 +123,10 @@ def _defined_in_jax(eqn) -> bool:
 
 
 def _only_calls(jaxpr, outvars, body: str) -> bool:
-    """Return whether `outvars` are computed by calls of the custom function whose body is
-    printed as `body`, directly or through jit calls."""
+    """Return whether only calls of one custom function compute `outvars`.
+
+    The function is the one whose body prints as `body`. The calls may sit inside jit calls.
+    """
     for e in _eqns_computing(jaxpr, outvars):
         if e.primitive.name == "custom_jvp_call":
             if str(e.params["call_jaxpr"]) != body:
@@ -156,7 +158,7 @@ def _check_primal_output(node) -> None:
     name = custom_function_name(node) or "a custom_jvp function"
     warnings.warn(
         f"The custom JVP rule of {name} (at {node.where()}) computes its primal output by "
-        "other operations than the function itself. CP follows the rule's tangents; "
+        "other operations than the function itself. CP follows the rule's tangents, but "
         "jax.hessian also differentiates those operations, and the two differ where the "
         "tangents are not their derivatives (a straight-through estimator, say). Return "
         "the function's own output from the rule (`return f(x), tangent`) to make them "

@@ -104,12 +104,12 @@ class LinearSolveRule(Rule):
 
             return jax.vjp(of_c, *[vals[i] for i in c_dep])[1](cotangent)
 
-        lam = [-v for v in transposed_solve(ybar)]
+        minus_lambda = [-v for v in transposed_solve(ybar)]
 
-        def p_transpose(v):  # Pᵀ v: for c only
-            return list(matvec_vjp(v, lam))
+        def p_transpose(v):  # Pᵀ v, which is zero for b
+            return list(matvec_vjp(v, minus_lambda))
 
-        def r_transpose(w):  # Rᵀ w: (for c, for b)
+        def r_transpose(w):  # Rᵀ w, as (the part for c, the part for b)
             mu = transposed_solve(w)
             return list(matvec_vjp(x, [-m for m in mu])), [mu[k] for k in b_dep]
 
