@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src import core as jax_core
+from jax._src.lax import parallel
 from jax.extend.core import primitives as prims
 
 from cpjax._trace import Lit, Program, Var
@@ -56,6 +58,10 @@ _SIGN_KEEPING = frozenset({
     lax.select_n_p, lax.cumsum_p, lax.reduce_max_p, lax.reduce_min_p, lax.max_p, lax.min_p,
     lax.sort_p, lax.clamp_p, lax.scatter_add_p, lax.rev_p, lax.reduce_precision_p,
     lax.optimization_barrier_p, lax.sharding_constraint_p, lax.device_put_p,
+    # Collectives inside a shard_map move, copy or add cotangents between devices.
+    parallel.psum_p, parallel.psum_invariant_p, parallel.all_gather_p,
+    parallel.all_gather_invariant_p, parallel.reduce_scatter_p, parallel.ppermute_p,
+    parallel.all_to_all_p, parallel.pbroadcast_p, jax_core.pvary_p,
     # Increasing elementwise functions: ct_x = ȳ φ'(x) with φ' > 0.
     lax.exp_p, lax.exp2_p, lax.expm1_p, lax.log_p, lax.log1p_p, lax.tanh_p, lax.logistic_p,
     lax.sqrt_p, lax.cbrt_p, lax.atan_p, lax.asinh_p, lax.sinh_p, lax.erf_p, lax.erf_inv_p,
@@ -90,7 +96,7 @@ def _combine(a, b):
     return None
 
 
-def _input_sign(node, i, out_sign, deps):
+def _input_sign(node, i, out_sign, deps, constants):
     """Sign of the cotangent that `node` passes to its input `i`."""
     p = node.primitive
     if out_sign is None:
@@ -105,7 +111,7 @@ def _input_sign(node, i, out_sign, deps):
         other = node.invars[1 - i]
         if deps_of(deps, other):
             return None
-        s = constant_sign(other)
+        s = constant_sign(constants.get(other, other))
         return None if s is None else s * out_sign
     if p is lax.integer_pow_p and node.params["y"] % 2 == 1 and node.params["y"] > 0:
         return out_sign if node.params["y"] == 1 else None
@@ -115,6 +121,10 @@ def _input_sign(node, i, out_sign, deps):
 def cotangent_signs(program: Program, deps: dict, output_signs: list) -> dict:
     """Map each dependent variable to its static cotangent sign: ±1, 0 (none) or None."""
     signs = {}
+    # Inside a shard_map, JAX marks a constant used with per-device values by a `pvary`.
+    constants = {node.outvars[0]: node.invars[0] for node in program.nodes
+                 if node.primitive is jax_core.pvary_p and len(node.invars) == 1
+                 and isinstance(node.invars[0], Lit)}
     for v, s in zip(program.outvars, output_signs, strict=True):
         if isinstance(v, Var) and v in deps:
             signs[v] = _combine(signs.get(v, 0), s)
@@ -126,6 +136,6 @@ def cotangent_signs(program: Program, deps: dict, output_signs: list) -> dict:
         for i, atom in enumerate(node.invars):
             if not deps_of(deps, atom):
                 continue
-            s = _input_sign(node, i, single, deps) if len(out_signs) == 1 else None
+            s = _input_sign(node, i, single, deps, constants) if len(out_signs) == 1 else None
             signs[atom] = _combine(signs.get(atom, 0), s)
     return signs

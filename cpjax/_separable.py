@@ -31,6 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core
+from jax._src.shard_map import shard_map_p
 from jax.extend.core import primitives as prims
 
 from cpjax import _axes, _probes, _schedule
@@ -39,8 +41,11 @@ from cpjax._trace import Var, bind_node, variable_uses
 from cpjax.rules import Curvature
 
 # Single-use equations that only permute or relabel a parameter on its way to its use.
+# Inside a shard_map, `pvary` marks a parameter shared by all devices as used per device.
+# Its VJP sums over those devices, so the chain also adds up the devices' diagonals.
 _PERMUTATIONS = frozenset({
     lax.transpose_p, lax.reshape_p, lax.convert_element_type_p, lax.copy_p, lax.squeeze_p,
+    jax_core.pvary_p,
 })
 
 
@@ -154,6 +159,7 @@ class _Site:
     chain: list  # permutation equations from the leaf to `node`, in program order
     axes: tuple  # contracted output axes that are separable
     other_axes: tuple  # contracted output axes that are not (summed before the product)
+    body: object = None  # at a shard_map: the SeparableLeaves of its body
 
 
 class SeparableLeaves:
@@ -176,11 +182,19 @@ class SeparableLeaves:
         """Return the separable sites of `plan`, or None when there are none."""
         axes = separable_classes(plan)
         uses = variable_uses(plan.program)
-        sites = []
+        sites, body_uses = [], {}
         for position in positions:
-            site = _find_site(plan, axes, uses, position, num_samples)
+            use = _single_use(uses, plan.program.invars[position])
+            if use is None:
+                continue
+            if use[0].primitive is shard_map_p:
+                body_uses.setdefault(use[0], []).append((position, *use[1:]))
+                continue
+            site = _find_site(plan, axes, uses, position, *use, num_samples)
             if site is not None:
                 sites.append(site)
+        for node, leaf_uses in body_uses.items():
+            sites.extend(_shard_map_sites(plan, axes, uses, node, leaf_uses, num_samples))
         return cls(plan, sites) if sites else None
 
     def has(self, position) -> bool:
@@ -195,7 +209,16 @@ class SeparableLeaves:
         if tu[0] is None:
             return []
         return [self._visit_site(node, site, vals, env, tu[0])
-                for site in self.sites.get(node.index, [])]
+                for site in self.sites.get(node.index, []) if site.body is None]
+
+    def body_sites(self, node) -> dict:
+        """Return `{input index: site}` for the sites inside the body of a shard_map `node`."""
+        return {site.input_index: site for site in self.sites.get(node.index, [])
+                if site.body is not None}
+
+    def add_body_diagonal(self, site, diag, env):
+        """Store the diagonal that a shard_map's body formed at its input `site.input_index`."""
+        self.diagonals[site.position] = self._through_chain(site, diag, env)
 
     def _visit_site(self, node, site, vals, env, rows):
         k, symmetric = self.plan_samples(rows), self.plan.symmetric
@@ -210,11 +233,17 @@ class SeparableLeaves:
             diag = _dot_per_example_diagonal(node, site, vals, *_split(rows, k, symmetric))
         else:
             diag = _dot_general_diagonal(node, site, vals, *_split(rows, k, symmetric))
+        diag = self._through_chain(site, diag, env)
+        self.diagonals[site.position] = diag
+        return diag
+
+    @staticmethod
+    def _through_chain(site, diag, env):
+        """Carry a diagonal from the site's operand back to the leaf, through its chain."""
         for chain_node in reversed(site.chain):
             x = env[chain_node.invars[0]]
             diag = jax.vjp(lambda z, n=chain_node: bind_node(n, [z])[0], x)[1](
                 diag.astype(env[chain_node.outvars[0]].dtype))[0]
-        self.diagonals[site.position] = diag
         return diag
 
     def plan_samples(self, rows):
@@ -228,8 +257,8 @@ class SeparableLeaves:
         return diag
 
 
-def _find_site(plan, axes, uses, position, num_samples):
-    var = plan.program.invars[position]
+def _single_use(uses, var):
+    """Return `(node, input index, chain)` of a leaf's only use after permutations, or None."""
     chain = []
     while True:
         var_uses = uses.get(var, [])
@@ -240,7 +269,10 @@ def _find_site(plan, axes, uses, position, num_samples):
             chain.append(node)
             var = node.outvars[0]
             continue
-        break
+        return node, i, chain
+
+
+def _find_site(plan, axes, uses, position, node, i, chain, num_samples):
     if node.index not in plan.infos or node.index in axes.free:
         return None
     contracted = _contracted_axes(node, i)
@@ -262,6 +294,32 @@ def _find_site(plan, axes, uses, position, num_samples):
             node, i, out, num_samples):
         return None
     return _Site(position, node, i, chain, separable, other)
+
+
+def _shard_map_sites(plan, axes, uses, node, leaf_uses, num_samples):
+    """Return the sites of leaves passed to a shard_map and used separably in its body.
+
+    The body is swept on each device (`cpjax.rules.sharding`), so its own analysis decides,
+    with the body's batch axis holding the device's examples. That is valid only when the
+    Hessian downstream of the shard_map's outputs is zero: no T or U rows arrive there, and
+    nothing outside combines the examples that the body keeps apart. Collectives in the body
+    (`psum`, `all_gather`, `ppermute`) map no axis, so before the last curvature they count as
+    mixing every axis of their operands. The devices' diagonals are summed by the VJP of
+    the body's `pvary` (see `_PERMUTATIONS`).
+    """
+    from cpjax.rules.sharding import body_plan
+
+    if node.index not in plan.infos or node.index in axes.free:
+        return []
+    later = _downstream(node, uses) - {node.index}
+    if any(n in plan.infos and n not in axes.free for n in later):
+        return []
+    body = body_plan(node, plan.infos[node.index], plan.symmetric)
+    leaves = SeparableLeaves.build(body, [i for _, i, _ in leaf_uses], num_samples)
+    if leaves is None:
+        return []
+    return [_Site(position, node, i, chain, (), (), body=leaves)
+            for position, i, chain in leaf_uses if leaves.has(i)]
 
 
 # Largest K·B·|W| for which a parameter's per-example cotangents are formed (a convolution

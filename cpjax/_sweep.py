@@ -330,6 +330,9 @@ def _visit(state: _SweepState, node, linearized):
         probe=state.probe, symmetric=state.plan.symmetric, kind=state.plan.kinds[node.index],
         seed=None if state.node_seed is None else functools.partial(state.node_seed, node),
     )
+    if state.separable is not None:
+        ctx.body_sites = state.separable.body_sites(node)
+        ctx.add_diagonal = functools.partial(state.separable.add_body_diagonal, env=env)
     if isinstance(rule, StructuredRule):
         in_grads, in_rows = _call_rule(node, lambda: rule.backward(ctx, vjp_fn, ybar_full, tu))
         for k, i in enumerate(dep_idx):

@@ -7,6 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from cpjax._api import _diff_positions
+from cpjax._separable import SeparableLeaves
+from cpjax._sweep import make_plan
+from cpjax._trace import trace_program
+
 
 def _diff_args(args, argnums):
     if isinstance(argnums, int):
@@ -111,3 +116,22 @@ def run_notebook_small(path, figure_dir):
     finally:
         plt.close("all")
     return namespace
+
+
+def cp_plan(fun, args, argnums=0):
+    """Return the sweep's plan of `fun` at `args` and the flat positions of the leaves."""
+    flat, tree = jax.tree_util.tree_flatten(args)
+    program, _ = trace_program(fun, flat, tree)
+    positions = _diff_positions(args, (argnums,))
+    deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
+    return make_plan(program, deps, [1] + [0] * (len(program.outvars) - 1), prune=True), positions
+
+
+def separable_sites(fun, args, argnums=0):
+    """Return {leaf path: separable output axes} for the parameters the analysis accepts."""
+    plan, positions = cp_plan(fun, args, argnums)
+    leaves = SeparableLeaves.build(plan, positions)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+    if leaves is None:
+        return {}
+    return {paths[pos]: site.axes for pos, site in leaves.by_position.items()}

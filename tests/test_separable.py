@@ -9,11 +9,8 @@ import pytest
 
 import cpjax
 from cpjax import _axes, _schedule, _separable
-from cpjax._api import _diff_positions
-from cpjax._separable import SeparableLeaves
-from cpjax._sweep import make_plan
 from cpjax._trace import trace_program
-from tests.helpers import assert_unbiased, reference_diag, sample_variance
+from tests.helpers import assert_unbiased, reference_diag, sample_variance, separable_sites
 
 
 def residual_batchnorm(params, x, labels):
@@ -37,20 +34,6 @@ def residual_batchnorm_args(seed=0, batch=16, d_in=6, width=5, classes=3):
     }
     x = jax.random.normal(k[3], (batch, d_in))
     return params, x, jax.random.randint(k[4], (batch,), 0, classes)
-
-
-def separable_sites(fun, args, argnums=0):
-    """Return {leaf path: separable output axes} for the parameters the analysis accepts."""
-    flat, tree = jax.tree_util.tree_flatten(args)
-    program, _ = trace_program(fun, flat, tree)
-    positions = _diff_positions(args, (argnums,))
-    deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
-    plan = make_plan(program, deps, [1] + [0] * (len(program.outvars) - 1), prune=True)
-    leaves = SeparableLeaves.build(plan, positions)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
-    if leaves is None:
-        return {}
-    return {paths[pos]: site.axes for pos, site in leaves.by_position.items()}
 
 
 def mlp_params(seed=0, d_in=6, width=5, classes=3, scale=1.0):

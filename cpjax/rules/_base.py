@@ -80,6 +80,11 @@ class Context:
     # `salt -> _probes._seed(key, salt)` read from the sweep's table, or None. It may return
     # None for a salt the table lacks, and the probes are then drawn from `key`.
     seed: Any = None
+    # At a shard_map: `{input index: site}` for the leaves whose diagonal the body forms in
+    # the separable-axis form (`cpjax._separable`), and `(site, diagonal) -> None`, which
+    # stores such a diagonal. The rule returns no rows for those inputs.
+    body_sites: Any = None
+    add_diagonal: Any = None
 
     @functools.cached_property
     def key(self):

@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core
 
 from cpjax.rules._base import (
     COMPOSITE_RULES,
@@ -34,10 +35,11 @@ from cpjax.rules.binary import BinaryRule
 from cpjax.rules.fallback import FALLBACK
 
 # The primitives `jax.nn.log_softmax` is built from; a call named log_softmax with any
-# other primitive inside (a `where` mask, say) is inlined instead.
+# other primitive inside (a `where` mask, say) is inlined instead. Inside a shard_map, JAX
+# adds a `pvary` of the constant -inf.
 _LOG_SOFTMAX_PRIMITIVES = frozenset({
     lax.reduce_max_p, lax.max_p, lax.broadcast_in_dim_p, lax.stop_gradient_p, lax.sub_p,
-    lax.exp_p, lax.reduce_sum_p, lax.log_p, lax.is_finite_p, lax.select_n_p,
+    lax.exp_p, lax.reduce_sum_p, lax.log_p, lax.is_finite_p, lax.select_n_p, jax_core.pvary_p,
 })
 
 

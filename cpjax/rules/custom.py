@@ -92,8 +92,12 @@ def _rule_is_piecewise_linear(eqn) -> bool:
     if not _is_piecewise_linear(eqn.params["call_jaxpr"], len(eqn.invars)):
         return False
     rule = _rule_jaxpr(eqn)
-    if rule is None:  # assume it has curvature
-        return False
+    if rule is None:
+        # Inside a shard_map a rule does not trace on its own: JAX checks the mesh axes its
+        # output varies over. A rule defined inside JAX (`jax.nn.relu`) gives the derivative
+        # of the function's body, constant where the body is linear. Others may have
+        # curvature.
+        return _defined_in_jax(eqn)
     # Only the tangent outputs matter here. `_check_primal_output` checks the primal ones.
     return _is_piecewise_linear(rule, n_in, n_ignored_outputs=len(eqn.outvars))
 

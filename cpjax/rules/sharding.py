@@ -15,9 +15,11 @@ keeps the estimate unbiased. The draws depend on the device layout, so an estima
 curvature comes from per-device equations differs from the one-device estimate for the same
 key and agrees with it in mean. Where all curvature comes from shared values, it is equal.
 
-NOTE: the body gets no separable-axis form (`cpjax._separable`): a batch split over devices
-inside a shard_map is swept like `separable=False`, with far more variance than the same
-loss under `jax.jit` with sharded inputs (see the README, "Devices, memory and precision").
+Separable axes. A leaf passed to the shard_map and used once in the body, such as the
+weights of a data-parallel model, gets the separable-axis form of `cpjax._separable`. The
+body's own analysis finds it. Each device sums over its own examples, and the VJP of the
+body's `pvary` sums over the devices. This needs zero curvature after the shard_map (see
+`_separable._shard_map_sites`). Other inputs get rows, as described above.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ COLLECTIVES = (
 register(Rule(), *COLLECTIVES)
 
 
-def _body_plan(node, info, symmetric_allowed):
+def body_plan(node, info, symmetric_allowed):
+    """Return the sweep's plan of a shard_map's body (see `cpjax._sweep.make_plan`)."""
     from cpjax._sweep import make_plan
     from cpjax._trace import build_program
 
@@ -78,7 +81,7 @@ class ShardMapRule(Rule):
             )
         if not any(info.deps) or all(s == 0 for s in info.out_signs):
             return Curvature.NONE
-        kinds = set(_body_plan(node, info, True).kinds.values())
+        kinds = set(body_plan(node, info, True).kinds.values())
         if Curvature.INDEFINITE in kinds:
             return Curvature.INDEFINITE
         return Curvature.PSD if Curvature.PSD in kinds else Curvature.NONE
@@ -87,35 +90,63 @@ class ShardMapRule(Rule):
         from cpjax._sweep import sweep
 
         node, params = ctx.node, ctx.node.params
-        plan = _body_plan(node, ctx.info, ctx.symmetric)
-        dep = [i for i, d in enumerate(ctx.info.deps) if d]
+        sites = ctx.body_sites or {}
+        # The separable analysis made the body's plan; its sites refer to that plan's variables.
+        body = next(iter(sites.values())).body if sites else None
+        plan = body.plan if body else body_plan(node, ctx.info, ctx.symmetric)
+        dep = [i for i, d in enumerate(ctx.info.deps) if d and i not in sites]
         ybar = [jnp.zeros_like(o) if y is None else y
                 for o, y in zip(ctx.outvals, ctx.ybar, strict=True)]
         n_rows = ctx.num_samples if ctx.symmetric else 2 * ctx.num_samples
+        in_specs = tuple(params["in_specs"])
 
-        def body(operands, ybar, key):
+        def body_fn(operands, ybar, key):
             result = sweep(plan, list(operands), list(ybar), key, num_samples=ctx.num_samples,
-                           probe=ctx.probe, node_key=device_key)
+                           probe=ctx.probe, node_key=device_key, separable=body)
             rows = []
             for i in dep:
                 r = result.rows[i]
                 if r is None:
                     r = jnp.zeros((n_rows, *operands[i].shape), operands[i].dtype)
                 rows.append(r)
-            return rows
+            diagonals = [_check_devices(body.diagonal(i, ctx.num_samples), in_specs[i], node)
+                         for i in sites]
+            return rows, diagonals
 
-        in_specs = tuple(params["in_specs"])
         row_specs = [PartitionSpec(None, *in_specs[i]) for i in dep]
-        rows = jax.shard_map(
-            body, mesh=params["mesh"], in_specs=(in_specs, tuple(params["out_specs"]),
-                                                 PartitionSpec()),
-            out_specs=row_specs, axis_names=params["manual_axes"]
+        diagonal_specs = [in_specs[i] for i in sites]
+        rows, diagonals = jax.shard_map(
+            body_fn, mesh=params["mesh"], in_specs=(in_specs, tuple(params["out_specs"]),
+                                                    PartitionSpec()),
+            out_specs=(row_specs, diagonal_specs), axis_names=params["manual_axes"]
             if "manual_axes" in params else params["newly_manual_axes"], check_vma=True,
         )(tuple(ctx.invals), tuple(ybar), ctx.key)
+        for site, diagonal in zip(sites.values(), diagonals, strict=True):
+            ctx.add_diagonal(site, diagonal)
         k = ctx.num_samples
         if ctx.symmetric:
             return [(i, r, None) for i, r in zip(dep, rows, strict=True)]
         return [(i, r[:k], r[k:]) for i, r in zip(dep, rows, strict=True)]
+
+
+def _check_devices(diagonal, spec, node):
+    """Check that a leaf's diagonal varies over no mesh axis that the leaf's spec leaves out.
+
+    The VJP of the body's `pvary` sums the devices' parts over the axes it names. A part
+    still varying over another axis would need a sum whose correctness the analysis has not
+    shown, so it is an error and not a guess.
+    """
+    named = {a for entry in spec if entry is not None
+             for a in (entry if isinstance(entry, tuple) else (entry,))}
+    extra = set(getattr(jax.typeof(diagonal), "vma", ())) - named
+    if extra:
+        raise CurvatureError(
+            f"cpjax formed a diagonal inside the shard_map at {node.where()} that differs "
+            f"between devices along mesh axes {sorted(extra, key=str)}, which the "
+            "parameter's partition spec does not name. Pass separable=False to use the "
+            "ordinary estimate for this function."
+        )
+    return diagonal
 
 
 SHARD_MAP = ShardMapRule()
