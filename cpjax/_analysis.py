@@ -3,6 +3,8 @@
 * `dependencies`: which differentiated leaves each variable depends on. Equations with no
   dependent input are evaluated and skipped by the sweep, and cross blocks between inputs
   with disjoint leaf sets are dropped for the diagonal.
+* `sliced_inputs`: the `xs` inputs of scans that carry leaves slice by slice, so that within
+  one step the slice and the carry depend on disjoint entries of those leaves.
 * `cotangent_signs`: the sign of each variable's cotangent where it is known at trace
   time. A log_softmax whose cotangent is negative (a cross-entropy loss) or a square whose
   cotangent is positive injects a positive semi-definite curvature; when every injection
@@ -18,7 +20,7 @@ from jax._src import core as jax_core
 from jax._src.lax import parallel
 from jax.extend.core import primitives as prims
 
-from cpjax._trace import Lit, Program, Var
+from cpjax._trace import Lit, Program, Var, variable_uses
 from cpjax.rules.zero import ZERO_DERIVATIVE
 
 _NO_DEPS = frozenset()
@@ -33,21 +35,51 @@ def deps_of(deps: dict, atom) -> frozenset:
 
 
 def dependencies(program: Program, input_deps: list) -> dict:
-    """Map each variable to the frozenset of leaves it depends on (absent: none)."""
+    """Map each variable to the frozenset of leaves it depends on (absent: none).
+
+    A leaf read only through static slices that do not overlap (`w[0]`, `w[1]`, ... of
+    stacked layer weights) is split: each slice depends on its own part of the leaf, so
+    pruning treats the parts as separate leaves.
+    """
     deps = {}
     for v, d in zip(program.invars, input_deps, strict=True):
         if d and is_float(v.aval):
             deps[v] = frozenset(d)
+    parts = _leaf_parts(program, deps)
     for node in program.nodes:
         if node.primitive in ZERO_DERIVATIVE:
             continue
-        union = frozenset().union(*(deps_of(deps, a) for a in node.invars))
+        union = parts.get(node.index) or frozenset().union(
+            *(deps_of(deps, a) for a in node.invars))
         if not union:
             continue
         for v in node.outvars:
             if is_float(v.aval):
                 deps[v] = union
     return deps
+
+
+def _leaf_parts(program: Program, deps: dict) -> dict:
+    """Map each static slice of a split leaf (see `dependencies`) to the deps of its part."""
+    uses = variable_uses(program)
+    parts = {}
+    for v in program.invars:
+        readers = [node for node, _ in uses.get(v, [])]
+        if (v not in deps or len(readers) < 2
+                or any(n is None or n.primitive is not lax.slice_p for n in readers)):
+            continue
+        boxes = [(n.params["start_indices"], n.params["limit_indices"]) for n in readers]
+        if any(_boxes_overlap(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:]):
+            continue
+        for node, box in zip(readers, boxes, strict=True):
+            parts[node.index] = frozenset(("part", d, *box) for d in deps[v])
+    return parts
+
+
+def _boxes_overlap(a, b) -> bool:
+    (start_a, limit_a), (start_b, limit_b) = a, b
+    return all(max(sa, sb) < min(la, lb)
+               for sa, la, sb, lb in zip(start_a, limit_a, start_b, limit_b, strict=True))
 
 
 # Linear maps that pass a cotangent on with non-negative coefficients: the sign is kept.
@@ -139,3 +171,54 @@ def cotangent_signs(program: Program, deps: dict, output_signs: list) -> dict:
             s = _input_sign(node, i, single, deps, constants) if len(out_signs) == 1 else None
             signs[atom] = _combine(signs.get(atom, 0), s)
     return signs
+
+
+# Equations that move or relabel each entry of their one input to one entry of the output.
+_ONE_TO_ONE = frozenset({
+    lax.transpose_p, lax.reshape_p, lax.convert_element_type_p, lax.copy_p, lax.squeeze_p,
+    lax.rev_p, lax.neg_p,
+})
+
+
+def sliced_inputs(program: Program, deps: dict) -> dict:
+    """Map each scan node's index to the `xs` inputs that hold leaves slice by slice.
+
+    Step t of a scan reads slice t of each `xs` input, and its carry depends only on the
+    slices of earlier steps. When an `xs` input is a program input moved entry by entry
+    (a transpose, a reshape), and no other input of the scan depends on its leaves, step t's
+    slice and its carry depend on disjoint entries of those leaves. Pruning may then drop
+    their cross blocks inside the body (`cpjax.rules.scan`), as for leaves that are disjoint.
+    """
+    scans = [node for node in program.nodes if node.primitive is lax.scan_p]
+    if not scans:
+        return {}
+    uses = variable_uses(program)
+    producers = {v: node for node in program.nodes for v in node.outvars}
+    inputs = set(program.invars)
+    result = {}
+    for node in scans:
+        first_xs = node.params["num_consts"] + node.params["num_carry"]
+        candidates = {i for i in range(first_xs, len(node.invars))
+                      if _moved_program_input(node.invars[i], uses, producers, inputs)}
+        others = frozenset().union(*(deps_of(deps, a) for i, a in enumerate(node.invars)
+                                     if i not in candidates))
+        sliced = frozenset(i for i in candidates
+                           if deps_of(deps, node.invars[i]) and not
+                           deps_of(deps, node.invars[i]) & others)
+        if sliced:
+            result[node.index] = sliced
+    return result
+
+
+def _moved_program_input(atom, uses, producers, inputs) -> bool:
+    """Return whether `atom` is a program input, moved entry by entry, with no other use."""
+    while isinstance(atom, Var):
+        if len(uses.get(atom, [])) != 1:
+            return False
+        if atom in inputs:
+            return True
+        node = producers.get(atom)
+        if node is None or node.primitive not in _ONE_TO_ONE or len(node.invars) != 1:
+            return False
+        atom = node.invars[0]
+    return False

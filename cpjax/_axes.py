@@ -15,6 +15,7 @@ The separable-axis analysis builds on these maps. `None` is always the safe valu
 from __future__ import annotations
 
 from jax import lax
+from jax._src import core as jax_core
 from jax.extend.core import primitives as prims
 
 from cpjax.rules import RULES
@@ -64,6 +65,8 @@ def elementwise_jaxpr(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         p = eqn.primitive
         if p is lax.broadcast_in_dim_p and eqn.invars[0].aval.ndim == 0:
+            continue
+        if p is jax_core.pvary_p:  # inside a shard_map: a value used per device, unchanged
             continue
         if p in (prims.jit_p, prims.custom_jvp_call_p, prims.closed_call_p):
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))

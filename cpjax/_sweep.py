@@ -20,6 +20,7 @@ from cpjax import _analysis, _probes, _schedule, _separable
 from cpjax._errors import CurvatureError
 from cpjax._trace import Program, Var, bind_node
 from cpjax.rules import STACKED, Context, Curvature, StaticInfo, StructuredRule, rule_for
+from cpjax.rules._base import vary_like, zero_rows
 from cpjax.rules.binary import sum_to_shape
 
 
@@ -40,6 +41,7 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
     """Run the analyses and pick, for each equation, its rule's static curvature kind."""
     deps = _analysis.dependencies(program, input_deps)
     signs = _analysis.cotangent_signs(program, deps, output_signs)
+    sliced = _analysis.sliced_inputs(program, deps)
     infos, kinds = {}, {}
     for node in program.nodes:
         in_deps = tuple(_analysis.deps_of(deps, a) for a in node.invars)
@@ -62,7 +64,7 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
                 "run in reverse (jax.grad rejects it too). Use lax.scan, or lax.fori_loop "
                 "with static start and stop values."
             )
-        info = StaticInfo(in_deps, out_signs, prune)
+        info = StaticInfo(in_deps, out_signs, prune, sliced.get(node.index, frozenset()))
         infos[node.index] = info
         if node.index < program.silent:
             kinds[node.index] = Curvature.NONE
@@ -215,9 +217,8 @@ def forward(plan, invals):
     return env, read, linear
 
 
-def _zeros_rows(n_rows, var_or_val):
-    shape, dtype = var_or_val.shape, var_or_val.dtype
-    return jnp.zeros((n_rows, *shape), dtype)
+def _zeros_rows(n_rows, value):
+    return zero_rows(n_rows, value)
 
 
 @dataclasses.dataclass
@@ -317,7 +318,7 @@ def _visit(state: _SweepState, node, linearized):
         return
     if node.primitive is lax.conv_general_dilated_p and any(t is not None for t in tu):
         tu = _materialize(tu)
-    ybar_full = [jnp.zeros_like(env[v]) if y is None else y
+    ybar_full = [vary_like(jnp.zeros_like(env[v]), env[v]) if y is None else y
                  for v, y in zip(float_vars, ybar, strict=True)]
     arriving = next((t for t in tu if t is not None), None)  # rows from above, or None
     ybar_full = _gradient_waits_for_rows(state, node, ybar_full, arriving)

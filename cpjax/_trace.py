@@ -224,9 +224,19 @@ def build_grouped_program(closed_jaxpr) -> Program:
     """Flatten `closed_jaxpr` like `build_program`, then group softmaxes and chains.
 
     Used for the bodies of loops and branches, so that they get the same grouped nodes as
-    the top-level program.
+    the top-level program. Inside a shard_map body nothing is grouped: a group is traced
+    on its own, outside the shard_map, and its values would lose the record of the mesh
+    axes along which they differ between devices.
     """
-    return _fuse_groups(build_program(closed_jaxpr))
+    program = build_program(closed_jaxpr)
+    if any(_per_device(v) for node in program.nodes for v in node.outvars):
+        return program
+    return _fuse_groups(program)
+
+
+def _per_device(var) -> bool:
+    """Return whether a variable inside a shard_map differs between devices."""
+    return bool(getattr(getattr(var.aval, "mat", None), "varying", ()))
 
 
 def variable_uses(program: Program) -> dict:

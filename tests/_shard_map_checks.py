@@ -206,8 +206,32 @@ def check_relu_body_one_vector():
         # JAX defines it, it counts as piecewise linear and needs no generic rule.
         warnings.simplefilter("error", cpjax.FallbackWarning)
         assert cp_plan(loss, args)[0].symmetric
+    assert sorted(separable_sites(loss, args)) == [
+        "[0]['b1']", "[0]['b2']", "[0]['w1']", "[0]['w2']"]
     exact = reference_diag(functools.partial(mlp_cross_entropy, activation=jax.nn.relu),
                            (params, x, labels))
+    assert_unbiased(cpjax.cp_hessian_diag(loss), args, exact)
+
+
+def check_scan_in_body_unbiased():
+    """A scan over micro-batches inside the body, its carry differing between devices."""
+    w, _ = inputs()
+    x = jax.random.normal(jax.random.key(1), (32, 3))
+
+    def local(w, x):
+        def step(total, batch):
+            return total + jnp.sum(jnp.tanh(batch @ w) ** 2), None
+
+        init = jax.lax.pcast(jnp.zeros((), x.dtype), "x", to="varying")
+        total, _ = jax.lax.scan(step, init, x.reshape(2, -1, x.shape[-1]))
+        return jax.lax.psum(total, "x")
+
+    def loss(w, x):
+        return jax.shard_map(local, mesh=eight_devices(), in_specs=(P(), P("x")),
+                             out_specs=P())(w, x)
+
+    exact = reference_diag(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2), (w, x))
+    args = (w, jax.device_put(x, NamedSharding(eight_devices(), P("x"))))
     assert_unbiased(cpjax.cp_hessian_diag(loss), args, exact)
 
 

@@ -19,8 +19,10 @@ import enum
 import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core
 
 from cpjax import _probes, _schedule
 
@@ -44,11 +46,15 @@ class StaticInfo:
         (+1 or -1), 0 when it receives no cotangent, None when unknown.
       prune: drop cross blocks between inputs whose leaf sets are disjoint (valid for the
         diagonal, not for the full Hessian).
+      sliced: indices of a scan's `xs` inputs that are leaves, each entry of which lands in
+        one step's slice, with no other input depending on those leaves (see
+        `cpjax._analysis.sliced_inputs`).
     """
 
     deps: tuple
     out_signs: tuple
     prune: bool
+    sliced: frozenset = frozenset()
 
     def dependent(self, i: int) -> bool:
         return bool(self.deps[i])
@@ -157,6 +163,30 @@ COMPOSITE_RULES: dict = {}
 def register(rule: Rule, *primitives) -> None:
     for p in primitives:
         RULES[p] = rule
+
+
+def zero_rows(n_rows, like):
+    """Return zeros of shape `(n_rows, *like.shape)` that vary over the devices as `like` does.
+
+    Inside a shard_map, JAX types each value with the mesh axes along which it differs
+    between devices. VJPs and loops reject zeros typed as shared in place of such a value.
+    """
+    return vary_like(jnp.zeros((n_rows, *jnp.shape(like)), jnp.result_type(like)), like)
+
+
+def vary_like(x, like):
+    """Return `x`, marked as differing between devices along every mesh axis that `like` is."""
+    axes = varying_axes(like) - varying_axes(x)
+    return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying") if axes else x
+
+
+def varying_axes(x) -> frozenset:
+    """Return the mesh axes along which a value (or abstract value) differs between devices.
+
+    Outside a shard_map, or with `check_vma=False`, the set is empty.
+    """
+    aval = x if isinstance(x, jax_core.AbstractValue) else jax.typeof(x)
+    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
 
 
 def safe_sqrt(x):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from cpjax.rules._base import Curvature, Rule
+from cpjax.rules._base import Curvature, Rule, zero_rows
 
 
 def _branch_plan(branch, info, symmetric_allowed):
@@ -57,8 +57,7 @@ class CondRule(Rule):
                 for i in dep:
                     rows = result.rows[i]
                     if rows is None:
-                        x = operands[i]
-                        rows = jnp.zeros((n_rows, *x.shape), x.dtype)
+                        rows = zero_rows(n_rows, operands[i])
                     out.append(rows)
                 return out
 

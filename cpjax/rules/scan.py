@@ -17,7 +17,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from cpjax import _probes
-from cpjax.rules._base import Curvature, StructuredRule
+from cpjax.rules._base import Curvature, StructuredRule, vary_like, zero_rows
 
 
 @functools.lru_cache(maxsize=128)
@@ -47,8 +47,14 @@ class ScanRule(StructuredRule):
                 for c, out in zip(carry, program.outvars[:len(carry)], strict=True)
             ]
             if new == carry:
-                return consts + carry + xs
+                break
             carry = new
+        # Within one step, a sliced input's leaves stand for that step's slice, and the
+        # carry's for earlier slices: disjoint entries, so they get different names.
+        n_fixed = len(consts) + len(carry)
+        xs = [frozenset(("slice", d) for d in deps) if n_fixed + m in info.sliced else deps
+              for m, deps in enumerate(xs)]
+        return consts + carry + xs
 
     def body_plan(self, node, info, allow_symmetric, silent=False):
         """Return the body's plan; with `silent`, no equation of the body injects curvature."""
@@ -99,15 +105,14 @@ class ScanRule(StructuredRule):
         for o, fl in zip(outs, float_out, strict=True):
             g, r = (next(it_y), next(it_r)) if fl else (None, None)
             out_g.append(g)
-            out_r.append(None if g is None else (jnp.zeros((n_rows, *o.shape), o.dtype)
-                                                  if r is None else r))
+            out_r.append(None if g is None else (zero_rows(n_rows, o) if r is None else r))
         carry_g = [out_g[j] if j + nc in dep else None for j in range(nk)]
         carry_r = [out_r[j] if j + nc in dep else None for j in range(nk)]
         ys_g = out_g[nk:]
         ys_r = [None if r is None else jnp.moveaxis(r, 0, 1) for r in out_r[nk:]]
-        const_g = [jnp.zeros_like(consts[i]) if i in dep else None for i in range(nc)]
-        const_r = [jnp.zeros((n_rows, *consts[i].shape), consts[i].dtype) if i in dep else None
+        const_g = [vary_like(jnp.zeros_like(consts[i]), consts[i]) if i in dep else None
                    for i in range(nc)]
+        const_r = [zero_rows(n_rows, consts[i]) if i in dep else None for i in range(nc)]
         length = node.params["length"]
 
         def step(state, inputs):
@@ -158,8 +163,8 @@ def _or_zeros(value, like, n_rows):
     if value is not None:
         return value
     if n_rows is None:
-        return jnp.zeros_like(like)
-    return jnp.zeros((n_rows, *jnp.shape(like)), jnp.result_type(like))
+        return vary_like(jnp.zeros_like(like), like)
+    return zero_rows(n_rows, like)
 
 
 SCAN = ScanRule()

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec
 
 from cpjax import _probes
 from cpjax._errors import CurvatureError
-from cpjax.rules._base import Curvature, Rule, register
+from cpjax.rules._base import Curvature, Rule, register, varying_axes
 
 # Collectives and device-type casts are linear: no curvature of their own.
 COLLECTIVES = (
@@ -54,12 +54,6 @@ def body_plan(node, info, symmetric_allowed):
     program = build_program(jcore.ClosedJaxpr(node.params["jaxpr"], ()))
     return make_plan(program, list(info.deps), list(info.out_signs), prune=info.prune,
                      allow_symmetric=symmetric_allowed)
-
-
-def varying_axes(aval) -> frozenset:
-    """Return the mesh axes over which a value inside a shard_map differs between devices."""
-    manual_type = getattr(aval, "mat", None)
-    return frozenset(getattr(manual_type, "varying", ()))
 
 
 def device_key(key, node):
@@ -138,7 +132,7 @@ def _check_devices(diagonal, spec, node):
     """
     named = {a for entry in spec if entry is not None
              for a in (entry if isinstance(entry, tuple) else (entry,))}
-    extra = set(getattr(jax.typeof(diagonal), "vma", ())) - named
+    extra = varying_axes(diagonal) - named
     if extra:
         raise CurvatureError(
             f"cpjax formed a diagonal inside the shard_map at {node.where()} that differs "
