@@ -97,10 +97,23 @@ def _free_nodes(plan) -> set:
     return free
 
 
-def separable_classes(plan) -> SeparableAxes:
-    """Group axes into index-aligned classes and find the mixed ones (see module docs)."""
-    free = _free_nodes(plan)
+def separable_classes(plan, num_carry=None) -> SeparableAxes:
+    """Group axes into index-aligned classes and find the mixed ones (see module docs).
+
+    With `num_carry = (number of constants, number of carried values)`, the program is the
+    body of a scan: later steps follow every equation, so none is free, and each carried
+    value's axes join the same axes of the value that the step returns in its place.
+    """
+    free = _free_nodes(plan) if num_carry is None else set()
     classes, constraints = _UnionFind(), []
+    if num_carry is not None:
+        n_consts, n_carry = num_carry
+        for j in range(n_carry):
+            carry_in = plan.program.invars[n_consts + j]
+            carry_out = plan.program.outvars[j]
+            if isinstance(carry_out, Var):
+                for k in range(carry_in.aval.ndim):
+                    classes.union((carry_in, k), (carry_out, k))
     for node in plan.program.nodes:
         if node.index not in plan.infos or node.index in free:
             continue
@@ -178,24 +191,34 @@ class SeparableLeaves:
         self.diagonals = {}
 
     @classmethod
-    def build(cls, plan, positions, num_samples=1):
-        """Return the separable sites of `plan`, or None when there are none."""
-        axes = separable_classes(plan)
+    def build(cls, plan, positions, num_samples=1, num_carry=None):
+        """Return the separable sites of `plan`, or None when there are none.
+
+        `num_carry` marks the body of a scan (see `separable_classes`).
+        """
+        axes = separable_classes(plan, num_carry)
         uses = variable_uses(plan.program)
+        # In a scan's body, the next step follows every equation.
+        everything = None if num_carry is None else {n.index for n in plan.program.nodes}
         sites, body_uses = [], {}
         for position in positions:
             use = _single_use(uses, plan.program.invars[position])
             if use is None:
                 continue
-            if use[0].primitive is shard_map_p:
+            if use[0].primitive in (shard_map_p, lax.scan_p):
                 body_uses.setdefault(use[0], []).append((position, *use[1:]))
                 continue
-            site = _find_site(plan, axes, uses, position, *use, num_samples)
+            site = _find_site(plan, axes, uses, position, *use, num_samples, everything)
             if site is not None:
                 sites.append(site)
         for node, leaf_uses in body_uses.items():
-            sites.extend(_shard_map_sites(plan, axes, uses, node, leaf_uses, num_samples))
-        return cls(plan, sites) if sites else None
+            find = _shard_map_sites if node.primitive is shard_map_p else _scan_sites
+            sites.extend(find(plan, axes, uses, node, leaf_uses, num_samples))
+        if not sites:
+            return None
+        leaves = cls(plan, sites)
+        leaves.axes = axes
+        return leaves
 
     def has(self, position) -> bool:
         return position in self.by_position
@@ -272,7 +295,11 @@ def _single_use(uses, var):
         return node, i, chain
 
 
-def _find_site(plan, axes, uses, position, node, i, chain, num_samples):
+def _find_site(plan, axes, uses, position, node, i, chain, num_samples, downstream=None):
+    """Return the site of a leaf's use by `node`, or None if it is not separable there.
+
+    `downstream` lists the nodes that follow the use, by default those reading its output.
+    """
     if node.index not in plan.infos or node.index in axes.free:
         return None
     contracted = _contracted_axes(node, i)
@@ -280,7 +307,8 @@ def _find_site(plan, axes, uses, position, node, i, chain, num_samples):
         return None
     out = node.outvars[0]
     contracted = [a for a in contracted if out.aval.shape[a] > 1]
-    downstream = _downstream(node, uses)
+    if downstream is None:
+        downstream = _downstream(node, uses)
     separable = tuple(a for a in contracted if axes.separable(out, a, downstream))
     other = tuple(a for a in contracted if not axes.separable(out, a, downstream))
     if not separable:
@@ -320,6 +348,57 @@ def _shard_map_sites(plan, axes, uses, node, leaf_uses, num_samples):
         return []
     return [_Site(position, node, i, chain, (), (), body=leaves)
             for position, i, chain in leaf_uses if leaves.has(i)]
+
+
+def _scan_sites(plan, axes, uses, node, leaf_uses, num_samples):
+    """Return the sites of leaves that a scan reads slice by slice, used separably in its body.
+
+    Each step forms the diagonal of its own slice (`cpjax.rules.scan`). The body's analysis
+    decides, with every equation of the body downstream (later steps run it again), and a
+    separable axis must also stay unmixed after the scan, wherever it reaches the scan's
+    outputs.
+    """
+    from cpjax.rules.scan import SCAN
+
+    info = plan.infos.get(node.index)
+    if info is None or node.index in axes.free:
+        return []
+    leaf_uses = [use for use in leaf_uses if use[1] in info.sliced]
+    if not leaf_uses:
+        return []
+    n_consts, n_carry = node.params["num_consts"], node.params["num_carry"]
+    # The same plan as the scan's backward pass: silent in the model part of a GGN.
+    body = SCAN.body_plan(node, info, plan.symmetric,
+                          silent=plan.kinds[node.index] is Curvature.NONE)
+    leaves = SeparableLeaves.build(body, [i for _, i, _ in leaf_uses], num_samples,
+                                   num_carry=(n_consts, n_carry))
+    if leaves is None:
+        return []
+    later = _downstream(node, uses) - {node.index}
+    sites = []
+    for position, i, chain in leaf_uses:
+        site = leaves.by_position.get(i)
+        if site is not None and _unmixed_after_scan(site, leaves, node, n_carry, axes, later):
+            sites.append(_Site(position, node, i, chain, (), (), body=leaves))
+    return sites
+
+
+def _unmixed_after_scan(site, leaves, node, n_carry, axes, later) -> bool:
+    """Return whether the site's separable axes stay unmixed by the nodes after the scan."""
+    if site.body is not None:
+        return False  # a nested loop or shard_map: not followed further
+    out = site.node.outvars[0]
+    roots = {leaves.axes.classes.find((out, a)) for a in site.axes}
+    for j, body_out in enumerate(leaves.plan.program.outvars):
+        if not isinstance(body_out, Var):
+            continue
+        for k in range(body_out.aval.ndim):
+            if leaves.axes.classes.find((body_out, k)) not in roots:
+                continue
+            outer_axis = k if j < n_carry else k + 1  # stacked outputs gain the step axis
+            if not axes.separable(node.outvars[j], outer_axis, later):
+                return False
+    return True
 
 
 # Largest K·B·|W| for which a parameter's per-example cotangents are formed (a convolution

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 import cpjax
-from tests.helpers import assert_unbiased, cp_plan, reference_diag, sample_variance
+from tests.helpers import (
+    assert_unbiased,
+    cp_plan,
+    reference_diag,
+    sample_variance,
+    separable_sites,
+)
 
 LAYERS, WIDTH, BATCH = 3, 5, 32
 
@@ -123,3 +129,110 @@ def cpjax_leaves_variance(tree, variances):
             total += variances[offset:offset + size].sum()
         offset += size
     return total
+
+
+def centred_in_body(params, x, labels):
+    """Each layer subtracts its batch mean: the examples interact inside the loop."""
+    def layer(h, wb):
+        w, b = wb
+        z = h @ w + b
+        return jnp.tanh(z - jnp.mean(z, axis=0)), None
+
+    h, _ = jax.lax.scan(layer, x, (params["ws"], params["bs"]))
+    return cross_entropy(params["out"], h, labels)
+
+
+def batch_softmax_after(params, x, labels):
+    """A softmax over the batch after the loop: the examples interact after the scan."""
+    h, _ = jax.lax.scan(lambda h, wb: (jnp.tanh(h @ wb[0] + wb[1]), None), x,
+                        (params["ws"], params["bs"]))
+    return jnp.sum(jax.nn.softmax(h @ params["out"], axis=0) ** 2)
+
+
+def reversed_with_outputs(params, x, labels):
+    """A reverse scan whose per-step outputs enter the loss."""
+    def layer(h, wb):
+        w, b = wb
+        h = jnp.tanh(h @ w + b)
+        return h, jnp.sum(h ** 2, axis=1)
+
+    h, per_step = jax.lax.scan(layer, x, (params["ws"], params["bs"]), reverse=True)
+    return cross_entropy(params["out"], h, labels) + jnp.mean(jnp.sin(per_step))
+
+
+def relu_layers(params, x, labels):
+    h, _ = jax.lax.scan(lambda h, wb: (jax.nn.relu(h @ wb[0] + wb[1]), None), x,
+                        (params["ws"], params["bs"]))
+    return cross_entropy(params["out"], h, labels)
+
+
+@pytest.mark.parametrize("loss, separable", [
+    (scanned, ["['bs']", "['out']", "['ws']"]),
+    (reversed_with_outputs, ["['bs']", "['out']", "['ws']"]),
+    (relu_layers, ["['bs']", "['out']", "['ws']"]),
+    (centred_in_body, ["['out']"]),
+    (batch_softmax_after, []),
+], ids=["scan", "reverse_outputs", "relu", "mixed_in_body", "mixed_after"])
+def test_scan_separable_sites(loss, separable):
+    sites = separable_sites(lambda p, x, y: loss(p, x, y), (stacked_params(), *data()))
+    assert sorted(k[3:] for k in sites) == separable
+
+
+@pytest.mark.parametrize("loss", [reversed_with_outputs, relu_layers, centred_in_body,
+                                  batch_softmax_after],
+                         ids=["reverse_outputs", "relu", "mixed_in_body", "mixed_after"])
+def test_scan_variants_unbiased(loss):
+    args = (stacked_params(), *data())
+    assert_unbiased(cpjax.cp_hessian_diag(loss, num_samples=2), args,
+                    reference_diag(loss, args))
+
+
+def test_scan_separable_variance_as_separate_leaves():
+    """Through the scan, the stacked weights get the separable form of one leaf per layer.
+
+    Summed single-probe variance over the summed squared diagonal, 2,000 probes (float64):
+    0.85 for the weights and 0.41 for the biases, against 0.86 and 0.43 with one leaf per
+    layer and 17 and 16 without the separable form.
+    """
+    params = stacked_params()
+    x, labels = data()
+    stacked = sample_variance(cpjax.cp_hessian_diag(scanned), (params, x, labels), 2000, 4)
+    separate = sample_variance(cpjax.cp_hessian_diag(per_layer), (split(params), x, labels),
+                               2000, 4)
+    n_b, n_out = LAYERS * WIDTH, WIDTH * 3
+    stacked_layers = stacked[:n_b].sum() + stacked[n_b + n_out:].sum()
+    separate_layers = cpjax_leaves_variance(split(params), separate)
+    assert stacked_layers < 1.5 * separate_layers, (stacked_layers, separate_layers)
+
+
+def scanned_model(params, x):
+    h, _ = jax.lax.scan(lambda h, wb: (jnp.tanh(h @ wb[0] + wb[1]), None), x,
+                        (params["ws"], params["bs"]))
+    return h @ params["out"]
+
+
+def mean_cross_entropy(logits, labels):
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+
+def test_ggn_through_scan_separable():
+    """The scan sits in the silent model part of a Gauss-Newton product.
+
+    Summed single-probe variance of the stacked weights over their summed squared GGN
+    diagonal, 2,000 probes (float64): 0.065 with the separable form, 1.9 without.
+    """
+    params = stacked_params()
+    x, labels = data()
+    exact = cpjax.exact_ggn_diag(scanned_model, mean_cross_entropy)(
+        params, x, loss_args=(labels,))
+
+    def estimator(separable):
+        ggn = cpjax.cp_ggn_diag(scanned_model, mean_cross_entropy, separable=separable)
+        return lambda params, x, key: ggn(params, x, loss_args=(labels,), key=key)
+
+    assert_unbiased(estimator(True), (params, x), exact)
+    with_form = sample_variance(estimator(True), (params, x), 2000, 4)
+    without = sample_variance(estimator(False), (params, x), 2000, 4)
+    n_b, n_out = LAYERS * WIDTH, WIDTH * 3
+    assert with_form[n_b + n_out:].sum() < without[n_b + n_out:].sum() / 5

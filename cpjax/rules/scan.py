@@ -6,6 +6,11 @@ with running sums for the loop's constants. At each step the same interpreter sw
 body with fresh probes drawn from `_probes.fold(key, step)`, so the curvature injected at step
 t travels back through steps t-1, ..., 0. Each step recomputes its body's
 forward pass from the stored carry, as `jax.checkpoint` would.
+
+Stacked layer weights, read slice by slice as `xs`, count as disjoint leaves within a step
+(`cpjax._analysis.sliced_inputs`). Where the body uses such a slice over a separable batch
+axis, each step forms the slice's diagonal in the separable-axis form, and the steps'
+diagonals are stacked (`cpjax._separable._scan_sites`).
 """
 
 from __future__ import annotations
@@ -114,12 +119,15 @@ class ScanRule(StructuredRule):
                    for i in range(nc)]
         const_r = [zero_rows(n_rows, consts[i]) if i in dep else None for i in range(nc)]
         length = node.params["length"]
+        # Leaves read slice by slice whose diagonal each step forms (`cpjax._separable`).
+        sites = ctx.body_sites or {}
+        body_leaves = next(iter(sites.values())).body if sites else None
 
         def step(state, inputs):
             carry_g, carry_r, const_g, const_r = state
             carry_t, x_t, y_g, y_r, t = inputs
             result = self._sweep_body(ctx, plan, consts + carry_t + x_t,
-                                      carry_g + y_g, carry_r + y_r, t)
+                                      carry_g + y_g, carry_r + y_r, t, body_leaves)
             grads = [_or_zeros(g, v, None) for g, v in zip(result.grads, consts + carry_t + x_t,
                                                             strict=True)]
             rws = [_or_zeros(r, v, n_rows) for r, v in zip(result.rows, consts + carry_t + x_t,
@@ -132,7 +140,9 @@ class ScanRule(StructuredRule):
             )
             x_dep = [m for m in range(len(x_t)) if nc + nk + m in dep]
             per_step = ([grads[nc + nk + m] if m in x_dep else None for m in range(len(x_t))],
-                        [rws[nc + nk + m] if m in x_dep else None for m in range(len(x_t))])
+                        [rws[nc + nk + m] if m in x_dep and nc + nk + m not in sites else None
+                         for m in range(len(x_t))],
+                        [body_leaves.diagonal(i, ctx.num_samples) for i in sites])
             return new_state, per_step
 
         state = (
@@ -143,8 +153,10 @@ class ScanRule(StructuredRule):
             const_g, const_r,
         )
         steps = jnp.arange(length)
-        (carry_g, carry_r, const_g, const_r), (xs_g, xs_r) = lax.scan(
+        (carry_g, carry_r, const_g, const_r), (xs_g, xs_r, diagonals) = lax.scan(
             step, state, (carries, xs, ys_g, ys_r, steps), reverse=not node.params["reverse"])
+        for site, diagonal in zip(sites.values(), diagonals, strict=True):
+            ctx.add_diagonal(site, diagonal)
         xs_r = [None if r is None else jnp.moveaxis(r, 1, 0) for r in xs_r]
         all_g = const_g + carry_g + xs_g
         all_r = const_r + carry_r + xs_r
@@ -152,11 +164,12 @@ class ScanRule(StructuredRule):
         return [all_g[i] for i in outer], [all_r[i] for i in outer]
 
     @staticmethod
-    def _sweep_body(ctx, plan, invals, out_g, out_r, t):
+    def _sweep_body(ctx, plan, invals, out_g, out_r, t, separable=None):
         from cpjax._sweep import sweep
 
         return sweep(plan, invals, out_g, _probes.fold(ctx.key, t),
-                     num_samples=ctx.num_samples, probe=ctx.probe, out_rows=out_r)
+                     num_samples=ctx.num_samples, probe=ctx.probe, out_rows=out_r,
+                     separable=separable)
 
 
 def _or_zeros(value, like, n_rows):
