@@ -45,7 +45,7 @@ def dependencies(program: Program, input_deps: list) -> dict:
     for v, d in zip(program.invars, input_deps, strict=True):
         if d and is_float(v.aval):
             deps[v] = frozenset(d)
-    parts = _leaf_parts(program, deps)
+    parts = leaf_parts(program, deps)
     for node in program.nodes:
         if node.primitive in ZERO_DERIVATIVE:
             continue
@@ -59,8 +59,12 @@ def dependencies(program: Program, input_deps: list) -> dict:
     return deps
 
 
-def _leaf_parts(program: Program, deps: dict) -> dict:
+def leaf_parts(program: Program, deps: dict) -> dict:
     """Map each static slice of a split leaf (see `dependencies`) to the deps of its part."""
+    inputs = set(program.invars)
+    if not any(node.primitive is lax.slice_p and node.invars[0] in inputs
+               for node in program.nodes):
+        return {}
     uses = variable_uses(program)
     parts = {}
     for v in program.invars:

@@ -204,6 +204,7 @@ class SeparableLeaves:
         for position in positions:
             use = _single_use(uses, plan.program.invars[position])
             if use is None:
+                sites.extend(_slice_sites(plan, axes, uses, position, num_samples, everything))
                 continue
             if use[0].primitive in (shard_map_p, lax.scan_p):
                 body_uses.setdefault(use[0], []).append((position, *use[1:]))
@@ -241,7 +242,7 @@ class SeparableLeaves:
 
     def add_body_diagonal(self, site, diag, env):
         """Store the diagonal that a shard_map's body formed at its input `site.input_index`."""
-        self.diagonals[site.position] = self._through_chain(site, diag, env)
+        self._store(site, self._through_chain(site, diag, env))
 
     def _visit_site(self, node, site, vals, env, rows):
         k, symmetric = self.plan_samples(rows), self.plan.symmetric
@@ -257,8 +258,13 @@ class SeparableLeaves:
         else:
             diag = _dot_general_diagonal(node, site, vals, *_split(rows, k, symmetric))
         diag = self._through_chain(site, diag, env)
-        self.diagonals[site.position] = diag
+        self._store(site, diag)
         return diag
+
+    def _store(self, site, diag):
+        """Add a site's diagonal to its leaf's: a leaf read by slices has one site per slice."""
+        old = self.diagonals.get(site.position)
+        self.diagonals[site.position] = diag if old is None else old + diag
 
     @staticmethod
     def _through_chain(site, diag, env):
@@ -293,6 +299,30 @@ def _single_use(uses, var):
             var = node.outvars[0]
             continue
         return node, i, chain
+
+
+def _slice_sites(plan, axes, uses, position, num_samples, downstream):
+    """Return one site per slice of a leaf read through static slices that do not overlap.
+
+    Each slice is a part of the leaf of its own (`cpjax._analysis.dependencies`), so its
+    diagonal is formed where it is used, and the chain's slice puts it in place. Where one
+    slice has no site, the leaf keeps its rows for all of them.
+    """
+    readers = [node for node, _ in uses.get(plan.program.invars[position], [])]
+    if not readers or any(node is None or node.index not in plan.parts for node in readers):
+        return []
+    sites = []
+    for reader in readers:
+        use = _single_use(uses, reader.outvars[0])
+        if use is None or use[0].primitive in (shard_map_p, lax.scan_p):
+            return []
+        node, i, chain = use
+        site = _find_site(plan, axes, uses, position, node, i, [reader, *chain], num_samples,
+                          downstream)
+        if site is None:
+            return []
+        sites.append(site)
+    return sites
 
 
 def _find_site(plan, axes, uses, position, node, i, chain, num_samples, downstream=None):

@@ -34,6 +34,7 @@ class Plan:
     infos: dict  # node index -> StaticInfo, for nodes the sweep visits
     kinds: dict  # node index -> Curvature
     symmetric: bool  # every injection is PSD: carry T only, U = T
+    parts: frozenset = frozenset()  # slice nodes that split a leaf into parts (see _analysis)
 
 
 def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: bool,
@@ -71,7 +72,8 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
         else:
             kinds[node.index] = rule_for(node).curvature(node, info)
     symmetric = allow_symmetric and all(k is not Curvature.INDEFINITE for k in kinds.values())
-    return Plan(program, deps, signs, infos, kinds, symmetric)
+    parts = frozenset(_analysis.leaf_parts(program, deps))
+    return Plan(program, deps, signs, infos, kinds, symmetric, parts)
 
 
 def _is_complex(aval) -> bool:
