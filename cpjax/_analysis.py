@@ -34,18 +34,19 @@ def deps_of(deps: dict, atom) -> frozenset:
     return deps.get(atom, _NO_DEPS) if isinstance(atom, Var) else _NO_DEPS
 
 
-def dependencies(program: Program, input_deps: list) -> dict:
+def dependencies(program: Program, input_deps: list, split_leaves: bool = False) -> dict:
     """Map each variable to the frozenset of leaves it depends on (absent: none).
 
-    A leaf read only through static slices that do not overlap (`w[0]`, `w[1]`, ... of
-    stacked layer weights) is split: each slice depends on its own part of the leaf, so
-    pruning treats the parts as separate leaves.
+    With `split_leaves`, when the program's inputs are the leaves themselves, a leaf read
+    only through static slices that do not overlap (`w[0]`, `w[1]`, ... of stacked layer
+    weights) is split. Each slice then depends on its own part of the leaf, so pruning
+    treats the parts as separate leaves.
     """
     deps = {}
     for v, d in zip(program.invars, input_deps, strict=True):
         if d and is_float(v.aval):
             deps[v] = frozenset(d)
-    parts = leaf_parts(program, deps)
+    parts = leaf_parts(program, deps) if split_leaves else {}
     for node in program.nodes:
         if node.primitive in ZERO_DERIVATIVE:
             continue
@@ -188,9 +189,10 @@ def sliced_inputs(program: Program, deps: dict) -> dict:
     """Map each scan node's index to the `xs` inputs that hold leaves slice by slice.
 
     Step t of a scan reads slice t of each `xs` input, and its carry depends only on the
-    slices of earlier steps. When an `xs` input is a program input moved entry by entry
-    (a transpose, a reshape), and no other input of the scan depends on its leaves, step t's
-    slice and its carry depend on disjoint entries of those leaves. Pruning may then drop
+    slices of earlier steps. When an `xs` input is a leaf moved entry by entry (a
+    transpose, a reshape), and no other input of the scan depends on its leaves, step t's
+    slice and its carry depend on disjoint entries of those leaves. The program's inputs
+    must be the leaves themselves. Pruning may then drop
     their cross blocks inside the body (`cpjax.rules.scan`), as for leaves that are disjoint.
     """
     scans = [node for node in program.nodes if node.primitive is lax.scan_p]

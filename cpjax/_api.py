@@ -126,7 +126,7 @@ def _run_sweep(fun, config: _Config, argnums: tuple, args, key):
     input_deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
     output_signs = [1] + [0] * (len(program.outvars) - 1)
     prune = config.estimator != "cp_factors"
-    plan = _sweep.make_plan(program, input_deps, output_signs, prune=prune)
+    plan = _sweep.make_plan(program, input_deps, output_signs, prune=prune, leaves=True)
     out_cts = [jnp.ones((), out_shape[0].dtype if config.has_aux else out_shape.dtype)]
     out_cts += [None] * (len(program.outvars) - 1)
 

@@ -38,11 +38,16 @@ class Plan:
 
 
 def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: bool,
-              allow_symmetric: bool = True) -> Plan:
-    """Run the analyses and pick, for each equation, its rule's static curvature kind."""
-    deps = _analysis.dependencies(program, input_deps)
+              allow_symmetric: bool = True, leaves: bool = False) -> Plan:
+    """Run the analyses and pick, for each equation, its rule's static curvature kind.
+
+    `leaves` says that the program's inputs are the differentiated leaves themselves, not
+    values computed from them (as in a loop's body): only then do slices of an input count
+    as disjoint parts (`cpjax._analysis.leaf_parts` and `sliced_inputs`).
+    """
+    deps = _analysis.dependencies(program, input_deps, split_leaves=leaves)
     signs = _analysis.cotangent_signs(program, deps, output_signs)
-    sliced = _analysis.sliced_inputs(program, deps)
+    sliced = _analysis.sliced_inputs(program, deps) if leaves else {}
     infos, kinds = {}, {}
     for node in program.nodes:
         in_deps = tuple(_analysis.deps_of(deps, a) for a in node.invars)
@@ -72,7 +77,7 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
         else:
             kinds[node.index] = rule_for(node).curvature(node, info)
     symmetric = allow_symmetric and all(k is not Curvature.INDEFINITE for k in kinds.values())
-    parts = frozenset(_analysis.leaf_parts(program, deps))
+    parts = frozenset(_analysis.leaf_parts(program, deps) if leaves else ())
     return Plan(program, deps, signs, infos, kinds, symmetric, parts)
 
 

@@ -124,7 +124,9 @@ def cp_plan(fun, args, argnums=0):
     program, _ = trace_program(fun, flat, tree)
     positions = _diff_positions(args, (argnums,))
     deps = [{positions[i]} if i in positions else set() for i in range(len(flat))]
-    return make_plan(program, deps, [1] + [0] * (len(program.outvars) - 1), prune=True), positions
+    plan = make_plan(program, deps, [1] + [0] * (len(program.outvars) - 1), prune=True,
+                     leaves=True)
+    return plan, positions
 
 
 def separable_sites(fun, args, argnums=0):

@@ -252,3 +252,33 @@ def test_ggn_through_scan_separable():
     without = sample_variance(estimator(False), (params, x), 2000, 4)
     n_b, n_out = LAYERS * WIDTH, WIDTH * 3
     assert with_form[n_b + n_out:].sum() < without[n_b + n_out:].sum() / 5
+
+
+def stacked_in_branch(w):
+    """Slices of a value computed from the leaf, read inside a branch: not disjoint parts."""
+    both = jnp.stack([w, w])
+    return jax.lax.cond(True, lambda c: jnp.sum(jnp.sin(c[0]) * jnp.cos(c[1])),
+                        lambda c: jnp.sum(c ** 2), both)
+
+
+def stacked_carry(w, xs):
+    """An LSTM-style carry holding two states in one array, read through static slices."""
+    def cell(state, x):
+        h, c = state[0], state[1]
+        c = jnp.tanh(c + x @ w)
+        h = jnp.tanh(h + c)
+        return jnp.stack([h, c]), None
+
+    state, _ = jax.lax.scan(cell, jnp.zeros((2, 4, 3)), xs)
+    return jnp.sum(state[0] ** 2)
+
+
+@pytest.mark.parametrize("loss, args", [
+    (stacked_in_branch, (0.7 * jax.random.normal(jax.random.key(3), (4,)),)),
+    (stacked_carry, (0.3 * jax.random.normal(jax.random.key(4), (3, 3)),
+                     jax.random.normal(jax.random.key(5), (5, 4, 3)))),
+], ids=["branch", "carry"])
+def test_slices_inside_bodies_unbiased(loss, args):
+    """Only the leaves themselves split into parts, never values inside a body."""
+    args = jax.tree.map(lambda a: a.astype(jnp.float64), args)
+    assert_unbiased(cpjax.cp_hessian_diag(loss), args, reference_diag(loss, args))
