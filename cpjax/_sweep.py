@@ -41,8 +41,8 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
               allow_symmetric: bool = True, leaves: bool = False) -> Plan:
     """Run the analyses and pick, for each equation, its rule's static curvature kind.
 
-    `leaves` says that the program's inputs are the differentiated leaves themselves, not
-    values computed from them (as in a loop's body): only then do slices of an input count
+    `leaves` marks a program whose inputs are the differentiated leaves themselves, not
+    values computed from them (as in a loop's body). Only there do slices of an input count
     as disjoint parts (`cpjax._analysis.leaf_parts` and `sliced_inputs`).
     """
     deps = _analysis.dependencies(program, input_deps, split_leaves=leaves)
