@@ -172,7 +172,7 @@ class _Site:
     chain: list  # permutation equations from the leaf to `node`, in program order
     axes: tuple  # contracted output axes that are separable
     other_axes: tuple  # contracted output axes that are not (summed before the product)
-    body: object = None  # at a shard_map: the SeparableLeaves of its body
+    body: object = None  # at a shard_map or scan: the SeparableLeaves of its body
 
 
 class SeparableLeaves:
@@ -182,8 +182,9 @@ class SeparableLeaves:
     parameters, and `visit` at each equation, which forms the diagonal at a site.
     """
 
-    def __init__(self, plan, sites):
+    def __init__(self, plan, sites, axes=None):
         self.plan = plan
+        self.axes = axes  # the SeparableAxes the sites were found with
         self.sites = {}  # node index -> sites at that node (both operands of a product)
         for site in sites:
             self.sites.setdefault(site.node.index, []).append(site)
@@ -215,11 +216,7 @@ class SeparableLeaves:
         for node, leaf_uses in body_uses.items():
             find = _shard_map_sites if node.primitive is shard_map_p else _scan_sites
             sites.extend(find(plan, axes, uses, node, leaf_uses, num_samples))
-        if not sites:
-            return None
-        leaves = cls(plan, sites)
-        leaves.axes = axes
-        return leaves
+        return cls(plan, sites, axes) if sites else None
 
     def has(self, position) -> bool:
         return position in self.by_position
@@ -236,12 +233,12 @@ class SeparableLeaves:
                 for site in self.sites.get(node.index, []) if site.body is None]
 
     def body_sites(self, node) -> dict:
-        """Return `{input index: site}` for the sites inside the body of a shard_map `node`."""
+        """Return `{input index: site}` for the sites in the body of a shard_map or scan."""
         return {site.input_index: site for site in self.sites.get(node.index, [])
                 if site.body is not None}
 
     def add_body_diagonal(self, site, diag, env):
-        """Store the diagonal that a shard_map's body formed at its input `site.input_index`."""
+        """Store the diagonal that a shard_map's or scan's body formed for `site`'s leaf."""
         self._store(site, self._through_chain(site, diag, env))
 
     def _visit_site(self, node, site, vals, env, rows):
