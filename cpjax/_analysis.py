@@ -34,19 +34,16 @@ def deps_of(deps: dict, atom) -> frozenset:
     return deps.get(atom, _NO_DEPS) if isinstance(atom, Var) else _NO_DEPS
 
 
-def dependencies(program: Program, input_deps: list, split_leaves: bool = False) -> dict:
+def dependencies(program: Program, input_deps: list, parts: dict | None = None) -> dict:
     """Map each variable to the frozenset of leaves it depends on (absent: none).
 
-    With `split_leaves`, when the program's inputs are the leaves themselves, a leaf read
-    only through static slices that do not overlap (`w[0]`, `w[1]`, ... of stacked layer
-    weights) is split. Each slice then depends on its own part of the leaf, so pruning
-    treats the parts as separate leaves.
+    `parts`, from `leaf_parts`, gives the slices of split leaves their own dependencies.
     """
     deps = {}
     for v, d in zip(program.invars, input_deps, strict=True):
         if d and is_float(v.aval):
             deps[v] = frozenset(d)
-    parts = leaf_parts(program, deps) if split_leaves else {}
+    parts = parts or {}
     for node in program.nodes:
         if node.primitive in ZERO_DERIVATIVE:
             continue
@@ -60,24 +57,30 @@ def dependencies(program: Program, input_deps: list, split_leaves: bool = False)
     return deps
 
 
-def leaf_parts(program: Program, deps: dict) -> dict:
-    """Map each static slice of a split leaf (see `dependencies`) to the deps of its part."""
+def leaf_parts(program: Program, input_deps: list) -> dict:
+    """Map each static slice of a split leaf to the dependencies of its part.
+
+    A leaf read only through static slices that do not overlap (`w[0]`, `w[1]`, ... of
+    stacked layer weights) is split. Each slice then depends on its own part of the leaf,
+    so pruning treats the parts as separate leaves. The program's inputs must be the leaves
+    themselves, not values computed from them.
+    """
     inputs = set(program.invars)
     if not any(node.primitive is lax.slice_p and node.invars[0] in inputs
                for node in program.nodes):
         return {}
     uses = variable_uses(program)
     parts = {}
-    for v in program.invars:
+    for v, leaf_deps in zip(program.invars, input_deps, strict=True):
         readers = [node for node, _ in uses.get(v, [])]
-        if (v not in deps or len(readers) < 2
+        if (not leaf_deps or not is_float(v.aval) or len(readers) < 2
                 or any(n is None or n.primitive is not lax.slice_p for n in readers)):
             continue
         boxes = [(n.params["start_indices"], n.params["limit_indices"]) for n in readers]
         if any(_boxes_overlap(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:]):
             continue
         for node, box in zip(readers, boxes, strict=True):
-            parts[node.index] = frozenset(("part", d, *box) for d in deps[v])
+            parts[node.index] = frozenset(("part", d, *box) for d in leaf_deps)
     return parts
 
 
@@ -191,9 +194,9 @@ def sliced_inputs(program: Program, deps: dict) -> dict:
     Step t of a scan reads slice t of each `xs` input, and its carry depends only on the
     slices of earlier steps. When an `xs` input is a leaf moved entry by entry (a
     transpose, a reshape), and no other input of the scan depends on its leaves, step t's
-    slice and its carry depend on disjoint entries of those leaves. The program's inputs
-    must be the leaves themselves. Pruning may then drop
-    their cross blocks inside the body (`cpjax.rules.scan`), as for leaves that are disjoint.
+    slice and its carry depend on disjoint entries of those leaves. Pruning may then drop
+    their cross blocks inside the body (`cpjax.rules.scan`), as for disjoint leaves. The
+    program's inputs must be the leaves themselves.
     """
     scans = [node for node in program.nodes if node.primitive is lax.scan_p]
     if not scans:

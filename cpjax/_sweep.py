@@ -45,7 +45,8 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
     values computed from them (as in a loop's body). Only there do slices of an input count
     as disjoint parts (`cpjax._analysis.leaf_parts` and `sliced_inputs`).
     """
-    deps = _analysis.dependencies(program, input_deps, split_leaves=leaves)
+    parts = _analysis.leaf_parts(program, input_deps) if leaves else {}
+    deps = _analysis.dependencies(program, input_deps, parts)
     signs = _analysis.cotangent_signs(program, deps, output_signs)
     sliced = _analysis.sliced_inputs(program, deps) if leaves else {}
     infos, kinds = {}, {}
@@ -77,8 +78,7 @@ def make_plan(program: Program, input_deps: list, output_signs: list, *, prune: 
         else:
             kinds[node.index] = rule_for(node).curvature(node, info)
     symmetric = allow_symmetric and all(k is not Curvature.INDEFINITE for k in kinds.values())
-    parts = frozenset(_analysis.leaf_parts(program, deps) if leaves else ())
-    return Plan(program, deps, signs, infos, kinds, symmetric, parts)
+    return Plan(program, deps, signs, infos, kinds, symmetric, frozenset(parts))
 
 
 def _is_complex(aval) -> bool:
@@ -224,10 +224,6 @@ def forward(plan, invals):
     return env, read, linear
 
 
-def _zeros_rows(n_rows, value):
-    return zero_rows(n_rows, value)
-
-
 @dataclasses.dataclass
 class _SweepState:
     plan: Plan
@@ -354,7 +350,7 @@ def _visit(state: _SweepState, node, linearized):
         targets = state.separable.row_targets(node, dep_idx, targets)
     diagonals = _diagonals_first(state, node, vals, tu, dep_idx)
     if targets and any(t is not None for t in tu):
-        tu_full = [_zeros_rows(state.n_rows, env[v]) if t is None else t
+        tu_full = [zero_rows(state.n_rows, env[v]) if t is None else t
                    for v, t in zip(float_vars, tu, strict=True)]
         if diagonals:
             tu_full = [_schedule.after(t, diagonals[0]) for t in tu_full]

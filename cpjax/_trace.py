@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.extend.core.primitives as prims
 import numpy as np
+from jax._src import core as jax_core
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
@@ -229,14 +230,18 @@ def build_grouped_program(closed_jaxpr) -> Program:
     axes along which they differ between devices.
     """
     program = build_program(closed_jaxpr)
-    if any(_per_device(v) for node in program.nodes for v in node.outvars):
+    if any(varying_axes(v.aval) for node in program.nodes for v in node.outvars):
         return program
     return _fuse_groups(program)
 
 
-def _per_device(var) -> bool:
-    """Return whether a variable inside a shard_map differs between devices."""
-    return bool(getattr(getattr(var.aval, "mat", None), "varying", ()))
+def varying_axes(x) -> frozenset:
+    """Return the mesh axes along which a value (or abstract value) differs between devices.
+
+    Outside a shard_map, or with `check_vma=False`, the set is empty.
+    """
+    aval = x if isinstance(x, jax_core.AbstractValue) else jax.typeof(x)
+    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
 
 
 def variable_uses(program: Program) -> dict:

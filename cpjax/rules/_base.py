@@ -19,12 +19,11 @@ import enum
 import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src import core as jax_core
 
 from cpjax import _probes, _schedule
+from cpjax._trace import varying_axes
 
 
 class Curvature(enum.Enum):
@@ -86,7 +85,7 @@ class Context:
     # `salt -> _probes._seed(key, salt)` read from the sweep's table, or None. It may return
     # None for a salt the table lacks, and the probes are then drawn from `key`.
     seed: Any = None
-    # At a shard_map: `{input index: site}` for the leaves whose diagonal the body forms in
+    # At a shard_map or scan: `{input index: site}` for the leaves whose diagonal the body forms in
     # the separable-axis form (`cpjax._separable`), and `(site, diagonal) -> None`, which
     # stores such a diagonal. The rule returns no rows for those inputs.
     body_sites: Any = None
@@ -178,15 +177,6 @@ def vary_like(x, like):
     """Return `x`, marked as differing between devices along every mesh axis that `like` is."""
     axes = varying_axes(like) - varying_axes(x)
     return lax.pcast(x, tuple(sorted(axes, key=str)), to="varying") if axes else x
-
-
-def varying_axes(x) -> frozenset:
-    """Return the mesh axes along which a value (or abstract value) differs between devices.
-
-    Outside a shard_map, or with `check_vma=False`, the set is empty.
-    """
-    aval = x if isinstance(x, jax_core.AbstractValue) else jax.typeof(x)
-    return frozenset(getattr(getattr(aval, "mat", None), "varying", ()))
 
 
 def safe_sqrt(x):

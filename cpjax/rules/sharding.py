@@ -34,7 +34,8 @@ from jax.sharding import PartitionSpec
 
 from cpjax import _probes
 from cpjax._errors import CurvatureError
-from cpjax.rules._base import Curvature, Rule, register, varying_axes
+from cpjax._trace import varying_axes
+from cpjax.rules._base import Curvature, Rule, register, zero_rows
 
 # Collectives and device-type casts are linear: no curvature of their own.
 COLLECTIVES = (
@@ -100,9 +101,7 @@ class ShardMapRule(Rule):
             rows = []
             for i in dep:
                 r = result.rows[i]
-                if r is None:
-                    r = jnp.zeros((n_rows, *operands[i].shape), operands[i].dtype)
-                rows.append(r)
+                rows.append(zero_rows(n_rows, operands[i]) if r is None else r)
             diagonals = [_check_devices(body.diagonal(i, ctx.num_samples), in_specs[i], node)
                          for i in sites]
             return rows, diagonals
