@@ -117,11 +117,11 @@ def test_stacked_variance_as_separate_leaves(loss):
     # Raveled leaves in key order: bs, out, ws for the stacked ones.
     n_b, n_out = LAYERS * WIDTH, WIDTH * 3
     stacked_layers = stacked[:n_b].sum() + stacked[n_b + n_out:].sum()
-    separate_tree = cpjax_leaves_variance(split(params), separate)
-    assert stacked_layers < 1.5 * separate_tree, (stacked_layers, separate_tree)
+    separate_layers = layer_variance(split(params), separate)
+    assert stacked_layers < 1.5 * separate_layers, (stacked_layers, separate_layers)
 
 
-def cpjax_leaves_variance(tree, variances):
+def layer_variance(tree, variances):
     """Sum the variances of every leaf but "out", given raveled in the tree's key order."""
     total, offset = 0.0, 0
     for key in sorted(tree):
@@ -217,7 +217,7 @@ def test_separable_variance_as_separate_leaves(loss):
                                2000, 4)
     n_b, n_out = LAYERS * WIDTH, WIDTH * 3
     stacked_layers = stacked[:n_b].sum() + stacked[n_b + n_out:].sum()
-    separate_layers = cpjax_leaves_variance(split(params), separate)
+    separate_layers = layer_variance(split(params), separate)
     assert stacked_layers < 1.5 * separate_layers, (stacked_layers, separate_layers)
 
 
